@@ -1,0 +1,104 @@
+"""HTTP only: routes, auth, validation errors in OpenAI's shape. The logic lives in serving.ChatService."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import APIError, Unauthorized, error_body
+from server.protocol import ChatCompletionRequest
+from server.refine import RefineMode
+from server.serving import ChatService
+
+log = logging.getLogger(__name__)
+
+
+def _param_path(loc: Sequence[Any]) -> str | None:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    parts = [p for p in loc if p not in ("body", "query")]
+    path = ""
+    for part in parts:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-after[", "function-before[", "literal[")):
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(
+            error_body("The request body is not valid JSON.", "invalid_request_error", code="invalid_json"),
+            status_code=400,
+        )
+    param = _param_path(first.get("loc", ()))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    where = f"'{param}'" if param else "the request body"
+    return JSONResponse(
+        error_body(f"Invalid value for {where}: {message}", "invalid_request_error", param=param),
+        status_code=400,
+    )
+
+
+def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.engine.close()
+
+    app = FastAPI(title="ToolACE-R server", version="0.1.0", lifespan=lifespan)
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(supplied.encode(), api_key.encode()):
+            raise Unauthorized("Invalid API key.", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(
+            error_body("The server had an error processing the request.", "server_error"), status_code=500
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        return service.models().model_dump(mode="json")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        refine: RefineMode | None = Query(default=None, description="refinement mode, when the body has none"),
+    ) -> JSONResponse:
+        response = await service.complete(body, refine)
+        return JSONResponse(response.to_json())
+
+    return app

@@ -1,0 +1,107 @@
+"""`toolace-r` command line: `serve` and `model prepare|list`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from server import model_store
+from server.engine import ENGINES
+from server.prompts import PromptFormat
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--model",
+        default="default",
+        help=f"'default', one of {', '.join(model_store.EMBEDDED_MODELS)}, or a Hugging Face directory",
+    )
+    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model)")
+    p.add_argument("--engine", choices=ENGINES, default="transformers")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TOOLACE_R_API_KEY"),
+        help="require this bearer key on /v1/* (env TOOLACE_R_API_KEY)",
+    )
+    p.add_argument(
+        "--prompt-format",
+        choices=[f.value for f in PromptFormat],
+        default=PromptFormat.PYTHONIC.value,
+        help="pythonic: the paper's system prompt and [f(a=1)] calls; native: the model's chat template",
+    )
+    p.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together by the engine")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
+    p.add_argument("--default-temperature", type=float, default=0.0, help="used when a request sets none")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="used when a request sets none")
+    p.add_argument("--log-level", default="info")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api import create_app
+    from server.engine import create_engine
+    from server.serving import ChatService, ServingConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = model_store.resolve(args.model)
+    name = args.served_model_name or (model_store.DEFAULT_MODEL if args.model == "default" else args.model)
+    engine = create_engine(
+        args.engine,
+        str(model_dir),
+        model_name=name,
+        max_batch_size=args.max_batch_size,
+        max_model_len=args.max_model_len,
+    )
+    config = ServingConfig(
+        served_model_name=name,
+        prompt_format=PromptFormat(args.prompt_format),
+        default_temperature=args.default_temperature,
+        default_max_tokens=args.default_max_tokens,
+    )
+    app = create_app(ChatService(engine, config), api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _model_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("model", help="manage the embedded models")
+    model_sub = p.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser("prepare", help="assemble, verify and convert an embedded model; prints its path")
+    prepare.add_argument(
+        "name", nargs="?", default=model_store.DEFAULT_MODEL, choices=list(model_store.EMBEDDED_MODELS)
+    )
+    model_sub.add_parser("list", help="list the embedded models")
+
+
+def _model(args: argparse.Namespace) -> int:
+    if args.model_command == "list":
+        for name in model_store.EMBEDDED_MODELS:
+            suffix = " (default)" if name == model_store.DEFAULT_MODEL else ""
+            print(f"{name}{suffix}")
+        return 0
+    print(model_store.prepare(args.name))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="toolace-r", description="ToolACE-R tool-calling server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _model_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return _serve(args) if args.command == "serve" else _model(args)
+    except model_store.ModelStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

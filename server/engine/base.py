@@ -1,0 +1,99 @@
+"""The engine contract: what the serving layer and the training package may ask of a model backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "abort"]
+ChatMessage = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature == 0 means greedy decoding."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation of a prompt."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of one generate call: the prompt's size and `n` completions (vLLM's RequestOutput shape)."""
+
+    prompt_tokens: int
+    completions: tuple[Completion, ...] = field(default_factory=tuple)
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.completions)
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.completions[0].finish_reason
+
+
+class EngineError(Exception):
+    """A request the engine cannot run (unknown adapter, prompt too long...); the caller maps it to a 4xx."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An async text generator over one base model, with optional LoRA adapters.
+
+    Implementations must never block the caller's event loop: model work runs in a worker thread or process.
+    """
+
+    model_name: str
+    max_model_len: int
+
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Render messages with the model's chat template (generation prompt appended) into token ids."""
+        ...
+
+    async def generate(
+        self,
+        prompt: Sequence[int] | Sequence[ChatMessage],
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> Generation:
+        """Generate `params.n` completions for token ids or chat messages; raise EngineError for bad input."""
+        ...
+
+    def adapters(self) -> list[str]:
+        """Names of the loaded LoRA adapters."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def is_token_ids(prompt: Sequence[int] | Sequence[ChatMessage]) -> bool:
+    return all(isinstance(t, int) for t in prompt)

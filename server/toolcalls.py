@@ -1,0 +1,291 @@
+"""Text <-> tool calls for LLM output, in the pythonic (ToolACE-R) and hermes (Qwen/Hermes) formats."""
+
+from __future__ import annotations
+
+import ast
+import json
+import keyword
+import re
+import secrets
+import string
+import unicodedata
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]  # JSON-compatible values
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    content: str | None  # text that is not a tool call, stripped; None when empty
+    tool_calls: tuple[ToolCall, ...]  # empty when the answer is plain text
+
+
+class _NotToolCall(Exception):
+    """Internal signal: the text does not have the shape of a tool call."""
+
+
+# Everything a hostile or truncated input can make the parsers raise; parse_answer must never raise.
+_PARSE_ERRORS = (_NotToolCall, SyntaxError, ValueError, TypeError, RecursionError, MemoryError, OverflowError)
+
+_HERMES_OPEN = "<tool_call>"
+_HERMES_CLOSE = "</tool_call>"
+_JSON_DECODER = json.JSONDecoder()
+_WS = re.compile(r"\s*")
+# The language tag must be followed by a newline, so that "```f(a=1)```" keeps its "f".
+_FENCE = re.compile(r"\A```(?:[\w+-]*[ \t]*\n)?(.*?)```\Z", re.DOTALL)
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def parse_answer(text: str) -> ParsedAnswer:
+    if _HERMES_OPEN in text:
+        try:
+            return _parse_hermes(text)
+        except _PARSE_ERRORS:
+            pass  # e.g. the tag only appears inside a pythonic string argument
+    try:
+        calls = _parse_pythonic(text)
+    except _PARSE_ERRORS:
+        calls = ()
+    if calls:
+        return ParsedAnswer(content=None, tool_calls=calls)
+    return ParsedAnswer(content=text.strip() or None, tool_calls=())
+
+
+def _parse_hermes(text: str) -> ParsedAnswer:
+    # Scan with raw_decode rather than a regex, so argument strings may contain the tags themselves.
+    pieces: list[str] = []
+    calls: list[ToolCall] = []
+    pos = 0
+    while (start := text.find(_HERMES_OPEN, pos)) != -1:
+        pieces.append(text[pos:start])
+        begin = _WS.match(text, start + len(_HERMES_OPEN)).end()
+        obj, end = _JSON_DECODER.raw_decode(text, begin)  # ValueError on broken or cut-off JSON
+        end = _WS.match(text, end).end()
+        if not text.startswith(_HERMES_CLOSE, end):
+            raise _NotToolCall("unterminated <tool_call> block")
+        calls.append(_hermes_call(obj))
+        pos = end + len(_HERMES_CLOSE)
+    pieces.append(text[pos:])
+    return ParsedAnswer(content="".join(pieces).strip() or None, tool_calls=tuple(calls))
+
+
+def _hermes_call(obj: Any) -> ToolCall:
+    if not isinstance(obj, dict):
+        raise _NotToolCall("tool call is not a JSON object")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise _NotToolCall("tool call has no name")
+    args = obj["arguments"] if "arguments" in obj else obj.get("parameters")
+    if args is None:
+        args = {}
+    elif isinstance(args, str):  # some models JSON-encode the arguments a second time
+        args = json.loads(args)
+    if not isinstance(args, dict):
+        raise _NotToolCall("tool call arguments are not an object")
+    return ToolCall(name=name, arguments=args)
+
+
+def _parse_pythonic(text: str) -> tuple[ToolCall, ...]:
+    body = text.strip()
+    if fence := _FENCE.match(body):
+        body = fence.group(1).strip()
+    if not body.endswith((")", "]")):  # cheap rejection of prose before running the parser
+        return ()
+    with warnings.catch_warnings():
+        # Invalid escapes such as "\d" only warn; the warning must not turn into an error under -W error.
+        warnings.simplefilter("ignore")
+        tree = ast.parse(body, mode="eval").body
+    if isinstance(tree, ast.List):
+        return tuple(_pythonic_call(node) for node in tree.elts)
+    return (_pythonic_call(tree),)
+
+
+def _pythonic_call(node: ast.expr) -> ToolCall:
+    if not isinstance(node, ast.Call) or node.args:
+        raise _NotToolCall("not a call with keyword arguments only")
+    arguments: dict[str, Any] = {}
+    for kw in node.keywords:
+        # "**{...}" is how render_pythonic spells keys that are not identifiers (e.g. "from", "my-key").
+        items = {kw.arg: _literal(kw.value)} if kw.arg is not None else _literal(kw.value)
+        if not isinstance(items, dict) or any(key in arguments for key in items):
+            raise _NotToolCall("repeated or non-literal keyword argument")
+        arguments.update(items)
+    return ToolCall(name=_dotted_name(node.func), arguments=arguments)
+
+
+def _dotted_name(node: ast.expr) -> str:
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):  # iterative: attribute chains can be very long
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise _NotToolCall("function name is not a dotted name")
+    parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _literal(node: ast.expr) -> Any:
+    if isinstance(node, ast.Constant):
+        if node.value is None or isinstance(node.value, (bool, int, float, str)):
+            return node.value
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        operand = node.operand
+        if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):
+            return -operand.value if isinstance(node.op, ast.USub) else operand.value
+    elif isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(elt) for elt in node.elts]
+    elif isinstance(node, ast.Dict):
+        result = {}
+        for key, value in zip(node.keys, node.values, strict=True):
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                raise _NotToolCall("dict keys must be strings")
+            result[key.value] = _literal(value)
+        return result
+    elif isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    raise _NotToolCall("argument value is not a literal")
+
+
+def render_pythonic(calls: Sequence[ToolCall]) -> str:
+    return "[" + ", ".join(_render_call(call) for call in calls) + "]"
+
+
+def _render_call(call: ToolCall) -> str:
+    if not all(_is_plain_identifier(part) for part in call.name.split(".")):
+        raise ValueError(f"tool name {call.name!r} cannot be written as a pythonic call")
+    args = [
+        f"{key}={_render_value(value)}" if _is_plain_identifier(key) else f"**{{{key!r}: {_render_value(value)}}}"
+        for key, value in call.arguments.items()
+    ]
+    return f"{call.name}({', '.join(args)})"
+
+
+def _is_plain_identifier(name: str) -> bool:
+    # Python NFKC-normalises identifiers, so only already-normalised ones survive a round trip.
+    return name.isidentifier() and not keyword.iskeyword(name) and unicodedata.normalize("NFKC", name) == name
+
+
+def _render_value(value: Any) -> str:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_render_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        if not all(isinstance(key, str) for key in value):
+            raise ValueError("dict keys in tool arguments must be strings")
+        return "{" + ", ".join(f"{key!r}: {_render_value(item)}" for key, item in value.items()) + "}"
+    raise ValueError(f"tool argument of type {type(value).__name__} is not JSON-compatible")
+
+
+def render_hermes(calls: Sequence[ToolCall]) -> str:
+    return "\n".join(
+        f"{_HERMES_OPEN}\n"
+        + json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+        + f"\n{_HERMES_CLOSE}"
+        for call in calls
+    )
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def canonical(answer: ParsedAnswer | str) -> str:
+    if isinstance(answer, str):
+        answer = parse_answer(answer)
+    if answer.tool_calls:
+        return _canonical_json([[call.name, call.arguments] for call in answer.tool_calls])
+    return " ".join((answer.content or "").split())
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
+
+
+def to_openai(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": new_call_id(),
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+        }
+        for call in calls
+    ]
+
+
+def from_openai(tool_calls: Sequence[Mapping[str, Any]]) -> list[ToolCall]:
+    result = []
+    for index, item in enumerate(tool_calls):
+        function = item.get("function") if isinstance(item, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise ValueError(f"tool_calls[{index}].function must be an object")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tool_calls[{index}].function.name must be a non-empty string")
+        arguments = function.get("arguments")
+        if arguments is None or isinstance(arguments, str) and not arguments.strip():
+            arguments = {}  # clients send "" (or nothing) for calls without parameters
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"tool_calls[{index}].function.arguments is not valid JSON: {exc}") from None
+        if not isinstance(arguments, Mapping):
+            raise ValueError(f"tool_calls[{index}].function.arguments must be a JSON object")
+        result.append(ToolCall(name=name, arguments=dict(arguments)))
+    return result
+
+
+def approx_match(predicted: Sequence[ToolCall], truth: Sequence[ToolCall], max_differing_values: int = 1) -> bool:
+    """The ToolACE-R "≈" rule: same multiset of tool names, same key sets per paired call, and at most
+    `max_differing_values` differing parameter values in total; call order does not matter."""
+    if len(predicted) != len(truth) or Counter(c.name for c in predicted) != Counter(c.name for c in truth):
+        return False
+    # Pairing identical calls first never hurts (the value count is a metric), and it leaves at most
+    # `max_differing_values` calls to pair by search, since every other pair costs at least one value.
+    rest_predicted, rest_truth = _unpaired(predicted, truth), _unpaired(truth, predicted)
+    if len(rest_predicted) > max_differing_values:
+        return False
+    return _min_pairing_cost(rest_predicted, rest_truth) <= max_differing_values
+
+
+def _unpaired(calls: Sequence[ToolCall], others: Sequence[ToolCall]) -> list[ToolCall]:
+    """The calls left over after pairing each with an identical one from `others`."""
+    available = Counter(_canonical_json([call.name, call.arguments]) for call in others)
+    rest = []
+    for call in calls:
+        key = _canonical_json([call.name, call.arguments])
+        if available[key]:
+            available[key] -= 1
+        else:
+            rest.append(call)
+    return rest
+
+
+def _min_pairing_cost(predicted: list[ToolCall], truth: list[ToolCall]) -> float:
+    """Fewest differing values over all pairings (inf if every pairing has a differing name or key set)."""
+    if not predicted:
+        return 0
+    first, rest = predicted[0], predicted[1:]
+    return min(
+        _differing_values(first, candidate) + _min_pairing_cost(rest, truth[:j] + truth[j + 1 :])
+        for j, candidate in enumerate(truth)
+    )
+
+
+def _differing_values(predicted: ToolCall, truth: ToolCall) -> float:
+    if predicted.name != truth.name or predicted.arguments.keys() != truth.arguments.keys():
+        return float("inf")
+    # Compare as canonical JSON so that True != 1, 1 != 1.0 and dict key order is ignored, as in canonical().
+    return sum(
+        _canonical_json(value) != _canonical_json(truth.arguments[key]) for key, value in predicted.arguments.items()
+    )

@@ -1,0 +1,378 @@
+import json
+import keyword
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.toolcalls import (
+    ParsedAnswer,
+    ToolCall,
+    approx_match,
+    canonical,
+    from_openai,
+    new_call_id,
+    parse_answer,
+    render_hermes,
+    render_pythonic,
+    to_openai,
+)
+
+identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True).filter(lambda s: not keyword.iskeyword(s))
+names = st.lists(identifiers, min_size=1, max_size=3).map(".".join)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+tool_calls = st.builds(ToolCall, name=names, arguments=st.dictionaries(identifiers, json_values, max_size=4))
+call_lists = st.lists(tool_calls, min_size=1, max_size=3)
+
+
+def call(name: str, **arguments: object) -> ToolCall:
+    return ToolCall(name=name, arguments=arguments)
+
+
+# --- round trips -------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(call_lists)
+def test_pythonic_round_trip(calls: list[ToolCall]) -> None:
+    parsed = parse_answer(render_pythonic(calls))
+    assert parsed.tool_calls == tuple(calls)
+    assert parsed.content is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(call_lists)
+def test_hermes_round_trip(calls: list[ToolCall]) -> None:
+    assert parse_answer(render_hermes(calls)).tool_calls == tuple(calls)
+
+
+@settings(max_examples=100, deadline=None)
+@given(call_lists)
+def test_canonical_agrees_across_formats(calls: list[ToolCall]) -> None:
+    assert canonical(render_pythonic(calls)) == canonical(render_hermes(calls))
+
+
+def test_render_pythonic_format() -> None:
+    assert render_pythonic([call("f", a=1, b="x"), call("g")]) == "[f(a=1, b='x'), g()]"
+    assert render_pythonic([]) == "[]"
+
+
+def test_render_hermes_format() -> None:
+    text = render_hermes([call("f", a="é"), call("g")])
+    assert text == (
+        '<tool_call>\n{"name": "f", "arguments": {"a": "é"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'
+    )
+
+
+def test_pythonic_keys_that_are_not_identifiers_round_trip() -> None:
+    calls = [call("f", **{"from": 1, "my-key": [True], "ok": None, "ﬁ": "ligature"})]
+    text = render_pythonic(calls)
+    assert parse_answer(text).tool_calls == tuple(calls)
+    assert list(parse_answer(text).tool_calls[0].arguments) == ["from", "my-key", "ok", "ﬁ"]
+
+
+def test_argument_strings_may_contain_the_hermes_tags() -> None:
+    calls = [call("f", a="<tool_call>", b='</tool_call> {"x": 1}')]
+    assert parse_answer(render_hermes(calls)).tool_calls == tuple(calls)
+    assert parse_answer(render_pythonic(calls)).tool_calls == tuple(calls)
+
+
+def test_render_pythonic_rejects_unwritable_names() -> None:
+    for name in ["get-weather", "Market Trends API", "class", "a..b", ""]:
+        with pytest.raises(ValueError):
+            render_pythonic([call(name)])
+
+
+# --- canonical ---------------------------------------------------------------------------------------------
+
+
+def test_canonical_ignores_keyword_order_whitespace_and_quotes() -> None:
+    assert canonical("[f(b=2, a='x')]") == canonical('[ f( a = "x",b=2 ) ]')
+    assert canonical("[f(b=2, a='x')]") == canonical(
+        '<tool_call>{"name": "f", "arguments": {"a": "x", "b": 2}}</tool_call>'
+    )
+
+
+def test_canonical_distinguishes_values_and_call_order() -> None:
+    assert canonical("[f(a=1)]") != canonical("[f(a=2)]")
+    assert canonical("[f(a=1)]") != canonical("[f(a=True)]")
+    assert canonical("[f(a=1), g(b=2)]") != canonical("[g(b=2), f(a=1)]")
+
+
+def test_canonical_of_plain_text_collapses_whitespace() -> None:
+    assert canonical("  Hello,\n\n  world\t! ") == "Hello, world !"
+    assert canonical(ParsedAnswer(content=None, tool_calls=())) == ""
+    assert canonical("[f(a=1)]") == '[["f",{"a":1}]]'
+
+
+# --- parse edge cases --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "```python\n[f(a=1)]\n```",
+        "```\n[f(a=1)]\n```",
+        "  ```py\n f(a=1) \n```  ",
+        "```f(a=1)```",
+        "f(a=1)",
+        "\n [f(a=1)]\n",
+        "[f(a=+1)]",
+        "(f(a=1))",
+    ],
+)
+def test_pythonic_tolerated_shapes(text: str) -> None:
+    assert parse_answer(text) == ParsedAnswer(content=None, tool_calls=(call("f", a=1),))
+
+
+def test_pythonic_values() -> None:
+    parsed = parse_answer(
+        "[math.factorial(n=-5, x=-2.5e-3, s='it\\'s', t=(1, 2), d={'k': [None, True]}, j=[true, false, null]), a.b.c()]"
+    )
+    assert parsed.tool_calls == (
+        call(
+            "math.factorial",
+            n=-5,
+            x=-0.0025,
+            s="it's",
+            t=[1, 2],
+            d={"k": [None, True]},
+            j=[True, False, None],
+        ),
+        call("a.b.c"),
+    )
+
+
+def test_pythonic_invalid_escape_does_not_warn_or_fail() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_answer(r'[f(pattern="\d+")]').tool_calls == (call("f", pattern="\\d+"),)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        "[1, 2]",
+        "[f(1)]",
+        "[f(1, a=2)]",
+        "[f(a=x)]",
+        "[f(a=g())]",
+        "[f(a=1, a=2)]",
+        "[f(**kw)]",
+        "[f(a=1)(b=2)]",
+        "[f()[0]]",
+        "[f(a=b'x')]",
+        "[f(a=1j)]",
+        "[f(a={1: 2})]",
+        "[f(a={1, 2})]",
+        "[f(a=-True)]",
+        "[f(a=1+2)]",
+        "[f(a=f'{x}')]",
+        "[f(a=...)]",
+        "[f(a=[*x])]",
+        "[True(a=1)]",
+        "['f'(a=1)]",
+        "print(x)",
+        "The answer is f(x).",
+        "[f(a=1)] and more",
+    ],
+)
+def test_not_pythonic_calls_are_plain_text(text: str) -> None:
+    assert parse_answer(text) == ParsedAnswer(content=text, tool_calls=())
+
+
+def test_plain_prose() -> None:
+    assert parse_answer("  The weather in Paris is sunny.\n") == ParsedAnswer(
+        content="The weather in Paris is sunny.", tool_calls=()
+    )
+    assert parse_answer("") == ParsedAnswer(content=None, tool_calls=())
+    assert parse_answer(" \n ") == ParsedAnswer(content=None, tool_calls=())
+
+
+def test_hermes_with_content_and_several_blocks() -> None:
+    text = (
+        'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
+        '<tool_call>{"name": "g.h", "arguments": {}}</tool_call>'
+    )
+    assert parse_answer(text) == ParsedAnswer(content="Let me check.", tool_calls=(call("f", a=1), call("g.h")))
+
+
+def test_hermes_argument_variants() -> None:
+    def parse(block: str) -> tuple[ToolCall, ...]:
+        return parse_answer(f"<tool_call>\n  {block}  \n</tool_call>").tool_calls
+
+    assert parse('{"name": "f", "arguments": "{\\"a\\": [1, null]}"}') == (call("f", a=[1, None]),)
+    assert parse('{"name": "f"}') == (call("f"),)
+    assert parse('{"name": "f", "parameters": {"a": true}}') == (call("f", a=True),)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": {"a": 1}}}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": "{not json"}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        '<tool_call>{"arguments": {}}</tool_call>',
+        "<tool_call>[1, 2]</tool_call>",
+        'Sure <tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "argu',
+        '<tool_call>{"name": "f", "arguments": {}}',
+        "<tool_call>",
+    ],
+)
+def test_broken_hermes_is_plain_text(text: str) -> None:
+    assert parse_answer(text) == ParsedAnswer(content=text, tool_calls=())
+
+
+# --- robustness --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_parse_never_raises(text: str) -> None:
+    parsed = parse_answer(text)
+    assert parsed.tool_calls or parsed.content == (text.strip() or None)
+    canonical(parsed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="[](){}=,.'\"fab1-<>_/\\ \ntool_call:", max_size=60))
+def test_parse_never_raises_on_syntax_soup(text: str) -> None:
+    parse_answer(text)
+    parse_answer(f"<tool_call>{text}</tool_call>")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 10000,
+        "f(" * 5000,
+        "[f(a=" + "[" * 5000 + "]" * 5000 + ")]",
+        "-" * 100000 + "1)",
+        "a" + ".a" * 100000 + "()",
+        "[f(a=" + "9" * 5000 + ")]",
+        "<tool_call>" + "[" * 100000 + "</tool_call>",
+        '<tool_call>{"name": "f", "arguments": ' + "[" * 100000 + "]" * 100000 + "}</tool_call>",
+        "f(a='\x00')",
+        "<tool_call>" * 1000,
+    ],
+)
+def test_parse_survives_nasty_inputs(text: str) -> None:
+    assert parse_answer(text).tool_calls == ()
+
+
+# --- OpenAI message format ---------------------------------------------------------------------------------
+
+
+def test_new_call_id() -> None:
+    ids = {new_call_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", i) for i in ids)
+
+
+@settings(max_examples=50, deadline=None)
+@given(call_lists)
+def test_openai_round_trip(calls: list[ToolCall]) -> None:
+    openai = to_openai(calls)
+    assert all(item["type"] == "function" and item["id"].startswith("call_") for item in openai)
+    assert all(isinstance(item["function"]["arguments"], str) for item in openai)
+    assert from_openai(openai) == calls
+
+
+def test_from_openai_accepts_dict_and_empty_arguments() -> None:
+    assert from_openai(
+        [
+            {"function": {"name": "f", "arguments": {"a": 1}}},
+            {"function": {"name": "g", "arguments": ""}},
+            {"id": "x", "type": "function", "function": {"name": "h", "arguments": '{"é": "ü"}'}},
+        ]
+    ) == [call("f", a=1), call("g"), call("h", **{"é": "ü"})]
+
+
+@pytest.mark.parametrize(
+    "tool_calls",
+    [
+        [{"function": {"name": "f", "arguments": "{bad json"}}],
+        [{"function": {"name": "f", "arguments": "[1, 2]"}}],
+        [{"function": {"name": "f", "arguments": 3}}],
+        [{"function": {"arguments": "{}"}}],
+        [{"type": "function"}],
+        ["f"],
+    ],
+)
+def test_from_openai_rejects_bad_input(tool_calls: list) -> None:
+    with pytest.raises(ValueError, match=r"tool_calls\[0\]"):
+        from_openai(tool_calls)
+
+
+def test_to_openai_arguments_are_json() -> None:
+    [item] = to_openai([call("f", a="é", b=[1.5, None])])
+    assert item["function"] == {"name": "f", "arguments": '{"a": "é", "b": [1.5, null]}'}
+    assert json.loads(item["function"]["arguments"]) == {"a": "é", "b": [1.5, None]}
+
+
+# --- approx_match ------------------------------------------------------------------------------------------
+
+
+def test_approx_match_exact_and_one_value_off() -> None:
+    truth = [call("f", a=1, b="x"), call("g", c=[1, 2])]
+    assert approx_match(truth, truth)
+    assert approx_match([call("f", a=2, b="x"), call("g", c=[1, 2])], truth)
+    assert approx_match([call("f", a=1, b="x"), call("g", c=[1, 3])], truth)
+
+
+def test_approx_match_two_values_off() -> None:
+    truth = [call("f", a=1, b="x"), call("g", c=[1, 2])]
+    two_off = [call("f", a=2, b="x"), call("g", c=[2, 1])]
+    assert not approx_match(two_off, truth)
+    assert approx_match(two_off, truth, max_differing_values=2)
+    assert not approx_match([call("f", a=2, b="y"), call("g", c=[1, 2])], truth)
+
+
+def test_approx_match_structure_must_agree() -> None:
+    truth = [call("f", a=1, b="x")]
+    assert not approx_match([call("h", a=1, b="x")], truth)
+    assert not approx_match([call("f", a=1, b="x"), call("f", a=1, b="x")], truth)
+    assert not approx_match([], truth)
+    assert not approx_match([call("f", a=1)], truth)
+    assert not approx_match([call("f", a=1, c="x")], truth, max_differing_values=5)
+    assert approx_match([], [])
+
+
+def test_approx_match_is_order_insensitive_and_pairs_repeated_names() -> None:
+    truth = [call("f", city="Paris"), call("g"), call("f", city="Rome")]
+    assert approx_match([call("f", city="Rome"), call("f", city="Paris"), call("g")], truth, 0)
+    assert approx_match([call("f", city="Rome"), call("f", city="Pari"), call("g")], truth)
+    assert not approx_match([call("f", city="Rom"), call("f", city="Pari"), call("g")], truth)
+    # The pairing must be chosen to minimise differences, not taken in order.
+    truth = [call("f", a=1, b=1), call("f", a=2, b=2)]
+    assert approx_match([call("f", a=2, b=2), call("f", a=1, b=9)], truth)
+    # Key sets are compared per paired call.
+    truth = [call("f", a=1), call("f", b=1)]
+    assert approx_match([call("f", b=1), call("f", a=2)], truth)
+    assert not approx_match([call("f", a=1), call("f", a=1)], truth, max_differing_values=5)
+
+
+def test_approx_match_zero_is_exact() -> None:
+    truth = [call("f", a=1, d={"x": 1, "y": 2})]
+    assert approx_match([call("f", d={"y": 2, "x": 1}, a=1)], truth, max_differing_values=0)
+    assert not approx_match([call("f", a=2, d={"x": 1, "y": 2})], truth, max_differing_values=0)
+    assert not approx_match([call("f", a=True, d={"x": 1, "y": 2})], truth, max_differing_values=0)
+    assert not approx_match([call("f", a=1.0, d={"x": 1, "y": 2})], truth, max_differing_values=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(call_lists, st.randoms())
+def test_approx_match_exact_under_shuffle(calls: list[ToolCall], rnd) -> None:
+    shuffled = list(calls)
+    rnd.shuffle(shuffled)
+    assert approx_match(shuffled, calls, max_differing_values=0)
