@@ -120,12 +120,19 @@ def _pythonic_messages(
         if role == "assistant" and message.get("tool_calls"):
             calls = toolcalls.from_openai(message["tool_calls"])
             call_names.update({c.get("id", ""): c["function"]["name"] for c in message["tool_calls"] if c.get("id")})
-            out.append({"role": "assistant", "content": toolcalls.render_pythonic(calls)})
+            out.append({"role": "assistant", "content": _render_calls(calls)})
         else:
             out.append({"role": role, "content": text_of(message.get("content"))})
     if pending_results:
         out.append(_tool_results_turn(pending_results))
     return out
+
+
+def _render_calls(calls: Sequence[toolcalls.ToolCall]) -> str:
+    try:
+        return toolcalls.render_pythonic(calls)
+    except ValueError:  # a name Python cannot spell (`get-weather`): the JSON form still tells the model
+        return toolcalls.render_hermes(calls)
 
 
 def _tool_results_turn(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""Shared fixtures: the embedded models (converted once, cached under TOOLACE_R_HOME) and real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import model_store
+
+SMOL = "smollm2-135m-instruct"
+QWEN = "qwen2.5-coder-0.5b-instruct"
+API_KEY = "test-key"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    base_url: str  # http://127.0.0.1:PORT
+    model: str
+    api_key: str
+    log_path: Path
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, log_dir: Path, *extra: str, startup_timeout: float = 600) -> Iterator[RunningServer]:
+    """Start `toolace-r serve` as a real process, wait for /health, stop it afterwards."""
+    port = _free_port()
+    log_path = log_dir / f"server-{model}-{port}.log"
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port), "--api-key", API_KEY]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([*cmd, *extra], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ)
+    server = RunningServer(f"http://127.0.0.1:{port}", model, API_KEY, log_path)
+    deadline = time.monotonic() + startup_timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            try:
+                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start in {startup_timeout} s:\n{server.log()[-4000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    return model_store.prepare(SMOL)
+
+
+@pytest.fixture(scope="session")
+def smol_server(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    yield from start_server(SMOL, tmp_path_factory.mktemp("logs"))

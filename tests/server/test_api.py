@@ -1,0 +1,309 @@
+"""The real server on 127.0.0.1 with SmolLM2-135M, through the official openai client and raw httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import RunningServer
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+HELLO = [{"role": "user", "content": "Say hello in three words."}]
+
+
+@pytest.fixture(scope="module")
+def client(smol_server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=smol_server.v1, api_key=smol_server.api_key, max_retries=0, timeout=300)
+
+
+def post(server: RunningServer, body: Any, *, params: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
+    return httpx.post(
+        f"{server.v1}/chat/completions", json=body, params=params, headers=server.headers, timeout=300, **kw
+    )
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+# ---- the happy path through the official client ----
+
+
+def test_health_and_models(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    assert httpx.get(f"{smol_server.base_url}/health").json() == {"status": "ok"}
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [smol_server.model]
+
+
+def test_plain_chat_completion(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(model=smol_server.model, messages=HELLO, max_tokens=24)
+    choice = result.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content.strip()
+    assert choice.message.tool_calls is None
+    assert choice.finish_reason in ("stop", "length")
+    assert result.usage is not None
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    assert 0 < result.usage.completion_tokens <= 24
+    assert result.model_extra["refinement"] == {"mode": "none", "iterations": 0, "stop_reason": "none"}
+
+
+def test_greedy_is_deterministic(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    answers = {
+        client.chat.completions.create(model=smol_server.model, messages=HELLO, max_tokens=16, temperature=0)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    }
+    assert len(answers) == 1
+
+
+def test_max_tokens_gives_length(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    story = [{"role": "user", "content": "Write a long story about a dragon."}]
+    result = client.chat.completions.create(model=smol_server.model, messages=story, max_completion_tokens=5)
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None and result.usage.completion_tokens == 5
+
+
+def test_stop_sequence_cuts_the_answer(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Count from 1 to 10 separated by commas."}]
+    full = client.chat.completions.create(model=smol_server.model, messages=messages, max_tokens=40)
+    text = full.choices[0].message.content or ""
+    assert "3" in text, text
+    cut = client.chat.completions.create(model=smol_server.model, messages=messages, max_tokens=40, stop=["3"])
+    assert cut.choices[0].message.content == text[: text.index("3")]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_adaptive_refinement_through_extra_body(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kwargs: dict[str, Any] = {
+        "model": smol_server.model,
+        "messages": question,
+        "tools": [WEATHER_TOOL],
+        "max_tokens": 24,
+    }
+    plain = client.chat.completions.create(**kwargs)
+    refined = client.chat.completions.create(
+        **kwargs, extra_body={"refine": "adaptive", "max_refine_iterations": 3, "return_refinement_history": True}
+    )
+    info = refined.model_extra["refinement"]
+    assert info["mode"] == "adaptive"
+    assert 1 <= info["iterations"] <= 3
+    answers = info["answers"]
+    assert len(answers) == info["iterations"] + 1
+    assert answers[0] == plain.choices[0].message.content  # round 0 is the unrefined greedy answer
+    if info["stop_reason"] == "converged":
+        assert answers[-1].split() == answers[-2].split() or info["iterations"] < 3
+    else:
+        assert info["stop_reason"] == "max_iterations" and info["iterations"] == 3
+    # usage sums every round, and every refine round re-reads a longer context
+    assert refined.usage is not None and plain.usage is not None
+    assert refined.usage.prompt_tokens > (info["iterations"] + 1) * plain.usage.prompt_tokens
+    assert refined.usage.completion_tokens >= plain.usage.completion_tokens
+
+
+def test_refine_as_query_parameter(smol_server: RunningServer) -> None:
+    body = {"model": smol_server.model, "messages": HELLO, "max_tokens": 8}
+    response = post(smol_server, body, params={"refine": "adaptive"})
+    assert response.status_code == 200, response.text
+    assert response.json()["refinement"]["mode"] == "adaptive"
+    assert response.json()["refinement"]["iterations"] >= 1
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "self_consistency"])
+def test_fixed_round_modes_run_n_rounds(smol_server: RunningServer, mode: str) -> None:
+    body = {
+        "model": smol_server.model,
+        "messages": HELLO,
+        "max_tokens": 8,
+        "refine": mode,
+        "max_refine_iterations": 2,
+        "return_refinement_history": True,
+    }
+    response = post(smol_server, body)
+    assert response.status_code == 200, response.text
+    info = response.json()["refinement"]
+    assert (info["mode"], info["iterations"], info["stop_reason"]) == (mode, 2, "max_iterations")
+    assert len(info["answers"]) == 3
+    content = response.json()["choices"][0]["message"]["content"]
+    assert content in info["answers"][1:]
+
+
+def test_multi_turn_with_tool_results(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    messages: list[Any] = [
+        {"role": "system", "content": "Today is 2026-11-23."},
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 18, "sky": "clear"}'},
+    ]
+    result = client.chat.completions.create(
+        model=smol_server.model, messages=messages, tools=[WEATHER_TOOL], max_tokens=24
+    )
+    assert result.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert result.usage is not None and result.usage.prompt_tokens > 100  # the system prompt lists the tool
+
+
+def test_event_loop_stays_responsive_and_requests_run_concurrently(smol_server: RunningServer) -> None:
+    async def scenario() -> tuple[list[int], float]:
+        async with httpx.AsyncClient(headers=smol_server.headers, timeout=300) as http:
+            long_body = {"model": smol_server.model, "messages": HELLO, "max_tokens": 60, "temperature": 0.8}
+
+            async def completion(seed: int) -> int:
+                response = await http.post(f"{smol_server.v1}/chat/completions", json={**long_body, "seed": seed})
+                return response.status_code
+
+            tasks = [asyncio.create_task(completion(seed)) for seed in range(4)]
+            await asyncio.sleep(0.3)
+            start = time.perf_counter()
+            health = await http.get(f"{smol_server.base_url}/health")
+            health_latency = time.perf_counter() - start
+            assert health.status_code == 200
+            return await asyncio.gather(*tasks), health_latency
+
+    statuses, health_latency = asyncio.run(scenario())
+    assert statuses == [200] * 4
+    assert health_latency < 1.0
+
+
+# ---- errors: OpenAI's shape, 4xx naming the field, never a 500 ----
+
+
+def test_malformed_json(smol_server: RunningServer) -> None:
+    response = httpx.post(
+        f"{smol_server.v1}/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={**smol_server.headers, "Content-Type": "application/json"},
+    )
+    assert assert_error(response, 400)["code"] == "invalid_json"
+
+
+def test_non_object_body(smol_server: RunningServer) -> None:
+    assert_error(post(smol_server, [1, 2, 3]), 400)
+
+
+def test_empty_messages(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    assert_error(post(smol_server, {"model": smol_server.model, "messages": []}), 400, "messages")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=smol_server.model, messages=[])
+
+
+def test_unknown_model(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    error = assert_error(post(smol_server, {"model": "gpt-9", "messages": HELLO}), 404, "model")
+    assert error["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=HELLO)
+
+
+@pytest.mark.parametrize(
+    ("tool", "param"),
+    [
+        (
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}},
+            "tools[0].function.parameters",
+        ),
+        (
+            {"type": "function", "function": {"name": "f", "parameters": {"properties": []}}},
+            "tools[0].function.parameters",
+        ),
+        ({"type": "function", "function": {"name": "bad name!"}}, "tools[0].function.name"),
+        ({"type": "retrieval"}, "tools[0].type"),
+    ],
+)
+def test_invalid_tool_schema(smol_server: RunningServer, tool: dict[str, Any], param: str) -> None:
+    assert_error(post(smol_server, {"model": smol_server.model, "messages": HELLO, "tools": [tool]}), 400, param)
+
+
+def test_n_greater_than_one(smol_server: RunningServer) -> None:
+    assert_error(post(smol_server, {"model": smol_server.model, "messages": HELLO, "n": 2}), 400, "n")
+
+
+@pytest.mark.parametrize("value", [0, 11, "five"])
+def test_max_refine_iterations_out_of_range(smol_server: RunningServer, value: Any) -> None:
+    body = {"model": smol_server.model, "messages": HELLO, "refine": "adaptive", "max_refine_iterations": value}
+    assert_error(post(smol_server, body), 400, "max_refine_iterations")
+
+
+def test_unknown_refine_mode(smol_server: RunningServer) -> None:
+    body = {"model": smol_server.model, "messages": HELLO}
+    assert_error(post(smol_server, {**body, "refine": "forever"}), 400, "refine")
+    assert_error(post(smol_server, body, params={"refine": "forever"}), 400, "refine")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("temperature", -1), ("temperature", 3), ("top_p", 0), ("max_tokens", 0), ("stop", ["a"] * 5)]
+)
+def test_out_of_range_sampling_fields(smol_server: RunningServer, field: str, value: Any) -> None:
+    assert_error(post(smol_server, {"model": smol_server.model, "messages": HELLO, field: value}), 400, field)
+
+
+def test_bad_message_shapes(smol_server: RunningServer) -> None:
+    bad_role = {"model": smol_server.model, "messages": [{"role": "wizard", "content": "hi"}]}
+    assert_error(post(smol_server, bad_role), 400)
+    bad_args = {
+        "model": smol_server.model,
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}],
+            },
+        ],
+    }
+    assert_error(post(smol_server, bad_args), 400, "messages")
+
+
+def test_context_length_exceeded(smol_server: RunningServer) -> None:
+    huge = [{"role": "user", "content": "word " * 9000}]
+    error = assert_error(post(smol_server, {"model": smol_server.model, "messages": huge, "max_tokens": 10}), 400)
+    assert error["code"] == "context_length_exceeded"
+
+
+def test_unknown_fields_are_ignored(smol_server: RunningServer) -> None:
+    body = {"model": smol_server.model, "messages": HELLO, "max_tokens": 4, "frobnicate": True, "user": "u-1"}
+    assert post(smol_server, body).status_code == 200
+
+
+def test_auth_is_required(smol_server: RunningServer) -> None:
+    body = {"model": smol_server.model, "messages": HELLO}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(f"{smol_server.v1}/chat/completions", json=body, headers=headers)
+        assert_error(response, 401)
+    assert httpx.get(f"{smol_server.v1}/models").status_code == 401
+    assert httpx.get(f"{smol_server.base_url}/health").status_code == 200
+
+
+def test_unknown_route_is_a_json_404(smol_server: RunningServer) -> None:
+    assert_error(httpx.get(f"{smol_server.v1}/nothing-here", headers=smol_server.headers), 404)
