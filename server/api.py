@@ -50,6 +50,25 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     )
 
 
+class JSONBodyByDefault:
+    """ASGI middleware: `curl -d` sends form encoding by default; read such POST bodies as the JSON they are."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [
+                (k, v)
+                for k, v in scope["headers"]
+                if not (k == b"content-type" and v.startswith(b"application/x-www-form-urlencoded"))
+            ]
+            if not any(k == b"content-type" for k, _ in headers):
+                headers.append((b"content-type", b"application/json"))
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
+
+
 def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +76,7 @@ def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
         await service.engine.close()
 
     app = FastAPI(title="ToolACE-R server", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(JSONBodyByDefault)
 
     async def authorize(request: Request) -> None:
         if api_key is None:

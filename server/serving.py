@@ -135,7 +135,9 @@ class ChatService:
     ) -> ChatCompletionResponse:
         final = outcome.final
         parsed = toolcalls.parse_answer(final.text) if use_tools else None
-        if parsed and parsed.tool_calls:
+        known = {tool.function.name for tool in request.tools or []}
+        # A call to a tool the client did not offer cannot be dispatched: it comes back as text instead.
+        if parsed and parsed.tool_calls and all(call.name in known for call in parsed.tool_calls):
             calls = [ToolCallOut.model_validate(c) for c in toolcalls.to_openai(parsed.tool_calls)]
             message = AssistantMessage(content=parsed.content, tool_calls=calls)
             finish: Any = "tool_calls"

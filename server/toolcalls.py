@@ -1,4 +1,9 @@
-"""Text <-> tool calls for LLM output, in the pythonic (ToolACE-R) and hermes (Qwen/Hermes) formats."""
+"""Text <-> tool calls for LLM output, in the pythonic (ToolACE-R) and hermes (Qwen/Hermes) formats.
+
+Small models stray from the format they were asked for, so parsing is lenient where intent is unambiguous:
+JSON call objects (`{"name": ..., "arguments": ...}`), one call per line, and a fenced code block holding nothing
+but calls inside prose (the prose becomes `content`).
+"""
 
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ _JSON_DECODER = json.JSONDecoder()
 _WS = re.compile(r"\s*")
 # The language tag must be followed by a newline, so that "```f(a=1)```" keeps its "f".
 _FENCE = re.compile(r"\A```(?:[\w+-]*[ \t]*\n)?(.*?)```\Z", re.DOTALL)
+_FENCED_BLOCK = re.compile(r"```(?:[\w+-]*[ \t]*\n)?(.*?)```", re.DOTALL)
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _ID_CHARS = string.ascii_letters + string.digits
 
@@ -51,13 +57,32 @@ def parse_answer(text: str) -> ParsedAnswer:
             return _parse_hermes(text)
         except _PARSE_ERRORS:
             pass  # e.g. the tag only appears inside a pythonic string argument
-    try:
-        calls = _parse_pythonic(text)
-    except _PARSE_ERRORS:
-        calls = ()
-    if calls:
+    if calls := _calls_or_nothing(text):
         return ParsedAnswer(content=None, tool_calls=calls)
+    if "```" in text:
+        for block in _FENCED_BLOCK.finditer(text):
+            if calls := _calls_or_nothing(block.group(1)):
+                prose = (text[: block.start()] + text[block.end() :]).strip()
+                return ParsedAnswer(content=prose or None, tool_calls=calls)
     return ParsedAnswer(content=text.strip() or None, tool_calls=())
+
+
+def _calls_or_nothing(text: str) -> tuple[ToolCall, ...]:
+    """The calls `text` consists of, in the pythonic or the JSON form; () when it is anything else."""
+    body = text.strip()
+    if fence := _FENCE.match(body):
+        body = fence.group(1).strip()
+    try:
+        if body.startswith(("{", "[{")):
+            return _parse_json_calls(body)
+        return _parse_pythonic(body)
+    except _PARSE_ERRORS:
+        return ()
+
+
+def _parse_json_calls(body: str) -> tuple[ToolCall, ...]:
+    obj = json.loads(body)
+    return tuple(_hermes_call(item) for item in obj) if isinstance(obj, list) else (_hermes_call(obj),)
 
 
 def _parse_hermes(text: str) -> ParsedAnswer:
@@ -94,19 +119,24 @@ def _hermes_call(obj: Any) -> ToolCall:
     return ToolCall(name=name, arguments=args)
 
 
-def _parse_pythonic(text: str) -> tuple[ToolCall, ...]:
-    body = text.strip()
-    if fence := _FENCE.match(body):
-        body = fence.group(1).strip()
+def _parse_pythonic(body: str) -> tuple[ToolCall, ...]:
     if not body.endswith((")", "]")):  # cheap rejection of prose before running the parser
         return ()
     with warnings.catch_warnings():
         # Invalid escapes such as "\d" only warn; the warning must not turn into an error under -W error.
         warnings.simplefilter("ignore")
-        tree = ast.parse(body, mode="eval").body
-    if isinstance(tree, ast.List):
-        return tuple(_pythonic_call(node) for node in tree.elts)
-    return (_pythonic_call(tree),)
+        try:
+            nodes = [ast.parse(body, mode="eval").body]
+        except SyntaxError:
+            # one call per line: every statement must be a bare expression (a call or a list of calls)
+            statements = ast.parse(body, mode="exec").body
+            if not all(isinstance(s, ast.Expr) for s in statements):
+                raise _NotToolCall("not only calls") from None
+            nodes = [s.value for s in statements]  # type: ignore[attr-defined]
+    calls: list[ToolCall] = []
+    for node in nodes:
+        calls.extend(_pythonic_call(n) for n in (node.elts if isinstance(node, ast.List) else [node]))
+    return tuple(calls)
 
 
 def _pythonic_call(node: ast.expr) -> ToolCall:

@@ -307,3 +307,14 @@ def test_auth_is_required(smol_server: RunningServer) -> None:
 
 def test_unknown_route_is_a_json_404(smol_server: RunningServer) -> None:
     assert_error(httpx.get(f"{smol_server.v1}/nothing-here", headers=smol_server.headers), 404)
+
+
+def test_curl_style_body_without_json_content_type(smol_server: RunningServer) -> None:
+    body = (
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
+        % smol_server.model.encode()
+    )
+    for content_type in (None, "application/x-www-form-urlencoded"):
+        headers = {**smol_server.headers, **({"Content-Type": content_type} if content_type else {})}
+        response = httpx.post(f"{smol_server.v1}/chat/completions", content=body, headers=headers, timeout=120)
+        assert response.status_code == 200, response.text

@@ -376,3 +376,36 @@ def test_approx_match_exact_under_shuffle(calls: list[ToolCall], rnd) -> None:
     shuffled = list(calls)
     rnd.shuffle(shuffled)
     assert approx_match(shuffled, calls, max_differing_values=0)
+
+
+# ---- lenient forms small models produce ----
+
+
+def test_json_call_objects_plain_and_fenced() -> None:
+    expected = (ToolCall("get_weather", {"city": "Paris"}),)
+    assert parse_answer('{"name": "get_weather", "arguments": {"city": "Paris"}}').tool_calls == expected
+    fenced = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+    assert parse_answer(fenced) == ParsedAnswer(content=None, tool_calls=expected)
+    assert parse_answer('[{"name": "f", "parameters": {}}, {"name": "g"}]').tool_calls == (
+        ToolCall("f", {}),
+        ToolCall("g", {}),
+    )
+
+
+def test_one_call_per_line() -> None:
+    assert parse_answer('f(a=1)\ng(b="x")').tool_calls == (ToolCall("f", {"a": 1}), ToolCall("g", {"b": "x"}))
+
+
+def test_fenced_calls_inside_prose_keep_the_prose_as_content() -> None:
+    text = 'Here you go:\n\n```python\nget_weather(city="Oslo")\nget_weather(city="Rome")\n```\nDone.'
+    parsed = parse_answer(text)
+    assert parsed.tool_calls == (ToolCall("get_weather", {"city": "Oslo"}), ToolCall("get_weather", {"city": "Rome"}))
+    assert parsed.content == "Here you go:\n\n\nDone."
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1}', "x = f(a=1)", "f(a=1)\nprint", "Run ```print(1)``` to see", "```python\nimport os\n```", "{not json"],
+)
+def test_lenient_forms_still_reject_non_calls(text: str) -> None:
+    assert parse_answer(text) == ParsedAnswer(content=text.strip(), tool_calls=())

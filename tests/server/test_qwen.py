@@ -1,0 +1,75 @@
+"""Tool calling for real: the embedded Qwen2.5-Coder-0.5B behind the server, in both prompt formats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.conftest import QWEN, RunningServer, start_server
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather for a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "math.factorial",
+            "description": "Factorial of a number.",
+            "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}, "required": ["number"]},
+        },
+    },
+]
+
+
+@pytest.fixture(scope="module", params=["pythonic", "native"])
+def qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    server: RunningServer
+    for server in start_server(QWEN, tmp_path_factory.mktemp("qwen"), "--prompt-format", request.param):
+        yield openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=300)
+
+
+def ask(client: openai.OpenAI, question: str, **extra_body: object) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(
+        model=QWEN, messages=[{"role": "user", "content": question}], tools=TOOLS, extra_body=extra_body or None
+    )
+
+
+def test_a_tool_call_comes_back_in_openai_shape(qwen: openai.OpenAI) -> None:
+    result = ask(qwen, "Compute 5 factorial.")
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "math.factorial"
+    assert json.loads(call.function.arguments) == {"number": 5}
+
+
+def test_adaptive_refinement_keeps_a_tool_answer(qwen: openai.OpenAI) -> None:
+    plain = ask(qwen, "Get the current weather in Paris.")
+    refined = ask(qwen, "Get the current weather in Paris.", refine="adaptive", return_refinement_history=True)
+    info = refined.model_extra["refinement"]
+    assert info["mode"] == "adaptive" and 1 <= info["iterations"] <= 5
+    assert len(info["answers"]) == info["iterations"] + 1
+    calls = refined.choices[0].message.tool_calls
+    assert refined.choices[0].finish_reason == "tool_calls" and calls
+    assert calls[0].function.name == "get_weather"
+    assert "Paris" in json.loads(calls[0].function.arguments)["city"]
+    assert refined.usage is not None and plain.usage is not None
+    assert refined.usage.total_tokens > 2 * plain.usage.total_tokens  # usage sums every round
