@@ -1,4 +1,9 @@
-"""`toolace-r` command line: `serve` and `model prepare|list`."""
+"""`toolace-r` command line: `serve` and `model prepare|list`, plus commands other packages plug in.
+
+Other packages (training: `train`, `eval`) add subcommands through the `toolace_r.commands` entry-point group:
+each entry point is a function `register(subparsers)` that adds a parser and sets `func=` to its handler. That keeps
+dependencies pointing one way: `server` never imports `training`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from server import model_store
 from server.engine import ENGINES
@@ -37,8 +43,21 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     p.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together by the engine")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="model weights on the CPU")
     p.add_argument("--default-temperature", type=float, default=0.0, help="used when a request sets none")
     p.add_argument("--default-max-tokens", type=int, default=512, help="used when a request sets none")
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=65536,
+        help="KV cache kept for prompt prefixes (refine rounds, shared system prompts); 0 turns it off",
+    )
+    p.add_argument(
+        "--no-draft-refinement",
+        dest="draft_refinement",
+        action="store_false",
+        help="decode every greedy refine round in full instead of verifying the previous answer as a draft",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -58,12 +77,15 @@ def _serve(args: argparse.Namespace) -> int:
         model_name=name,
         max_batch_size=args.max_batch_size,
         max_model_len=args.max_model_len,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        dtype=args.dtype,
     )
     config = ServingConfig(
         served_model_name=name,
         prompt_format=PromptFormat(args.prompt_format),
         default_temperature=args.default_temperature,
         default_max_tokens=args.default_max_tokens,
+        draft_refinement=args.draft_refinement,
     )
     app = create_app(ChatService(engine, config), api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -95,9 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _model_parser(sub)
+    for plugin in entry_points(group="toolace_r.commands"):
+        plugin.load()(sub)
     args = parser.parse_args(argv)
     try:
-        return _serve(args) if args.command == "serve" else _model(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "model":
+            return _model(args)
+        return int(args.func(args) or 0)
     except model_store.ModelStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -111,6 +111,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     user: str | None = None
     metadata: dict[str, str] | None = None
+    cache_salt: str | None = None  # as in vLLM: only requests with the same salt share cached prefixes
     # ToolACE-R extensions
     refine: RefineMode | None = None
     max_refine_iterations: int = Field(default=5, ge=1, le=MAX_ITERATIONS_LIMIT)
@@ -154,10 +155,23 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class CompletionTokensDetails(BaseModel):
+    # OpenAI's Predicted Outputs counters; here the prediction is the previous refine round's answer.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+    completion_tokens_details: CompletionTokensDetails = CompletionTokensDetails()
 
 
 class Refinement(BaseModel):

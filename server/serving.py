@@ -15,8 +15,10 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    CompletionTokensDetails,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     Refinement,
     ToolCallOut,
     Usage,
@@ -35,6 +37,17 @@ class ServingConfig:
     prompt_format: PromptFormat = PromptFormat.PYTHONIC
     default_temperature: float = 0.0  # greedy unless asked: refinement converges on deterministic answers
     default_max_tokens: int = 512
+    # Greedy refine rounds hand the previous answer to the engine as a draft to verify in one pass (exact).
+    draft_refinement: bool = True
+
+
+@dataclass
+class _Tally:
+    """Per-request counts of the fast refinement path, summed over rounds (OpenAI's usage details)."""
+
+    cached_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    rejected_draft_tokens: int = 0
 
 
 class ChatService:
@@ -67,14 +80,24 @@ class ChatService:
             raise BadRequest(str(exc), param="messages") from exc
         params = self._sampling(request)
         self._check_context(prompt, params, mode)
+        tally = _Tally()
+        draft: list[int] | None = None
 
         async def answer(previous: str | None) -> Answer:
+            nonlocal draft
             context = prompt if previous is None else prompt.with_refinement(previous)
             ids = self.engine.encode_chat(context.messages, context.tools)
             try:
-                generation = await self.engine.generate(ids, params, adapter)
+                generation = await self.engine.generate(
+                    ids, params, adapter, draft=draft, cache_salt=request.cache_salt
+                )
             except EngineError as exc:
                 raise BadRequest(str(exc), param="messages") from exc
+            tally.cached_tokens += generation.cached_tokens
+            tally.accepted_draft_tokens += generation.draft_accepted_tokens
+            tally.rejected_draft_tokens += generation.draft_tokens - generation.draft_accepted_tokens
+            if self.config.draft_refinement and params.greedy:
+                draft = generation.completions[0].as_draft  # the next round most often repeats this answer
             parsed = toolcalls.parse_answer(generation.text) if use_tools else None
             return Answer(
                 text=generation.text,
@@ -85,7 +108,7 @@ class ChatService:
             )
 
         outcome = await run_refinement(answer, mode, request.max_refine_iterations)
-        return self._response(request, mode, outcome, use_tools)
+        return self._response(request, mode, outcome, use_tools, tally)
 
     def _route(self, model: str) -> str | None:
         """The adapter a model name routes to (None for the base model); 404 for an unknown name."""
@@ -131,7 +154,12 @@ class ChatService:
             )
 
     def _response(
-        self, request: ChatCompletionRequest, mode: RefineMode, outcome: RefineOutcome, use_tools: bool
+        self,
+        request: ChatCompletionRequest,
+        mode: RefineMode,
+        outcome: RefineOutcome,
+        use_tools: bool,
+        tally: _Tally,
     ) -> ChatCompletionResponse:
         final = outcome.final
         parsed = toolcalls.parse_answer(final.text) if use_tools else None
@@ -148,6 +176,11 @@ class ChatService:
             prompt_tokens=outcome.prompt_tokens,
             completion_tokens=outcome.completion_tokens,
             total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=tally.cached_tokens),
+            completion_tokens_details=CompletionTokensDetails(
+                accepted_prediction_tokens=tally.accepted_draft_tokens,
+                rejected_prediction_tokens=tally.rejected_draft_tokens,
+            ),
         )
         refinement = Refinement(
             mode=mode,

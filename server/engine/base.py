@@ -33,6 +33,12 @@ class Completion:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
+    stop_token_id: int | None = None  # the end-of-sequence token that ended it, if one did
+
+    @property
+    def as_draft(self) -> list[int]:
+        """This completion as a draft for a request expected to repeat it, ending where it ended."""
+        return [*self.token_ids, *([self.stop_token_id] if self.stop_token_id is not None else [])]
 
     @property
     def completion_tokens(self) -> int:
@@ -45,6 +51,9 @@ class Generation:
 
     prompt_tokens: int
     completions: tuple[Completion, ...] = field(default_factory=tuple)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    draft_tokens: int = 0  # draft tokens offered for verification
+    draft_accepted_tokens: int = 0  # of those, the ones greedy decoding agreed with
 
     @property
     def text(self) -> str:
@@ -84,8 +93,15 @@ class Engine(Protocol):
         prompt: Sequence[int] | Sequence[ChatMessage],
         params: SamplingParams,
         adapter: str | None = None,
+        draft: Sequence[int] | None = None,
+        cache_salt: str | None = None,
     ) -> Generation:
-        """Generate `params.n` completions for token ids or chat messages; raise EngineError for bad input."""
+        """Generate `params.n` completions for token ids or chat messages; raise EngineError for bad input.
+
+        `draft` (greedy only, ignored otherwise) is the completion the caller expects, e.g. the previous refine
+        round's answer: the engine may verify it in one pass instead of decoding it token by token. The result is
+        the same text either way. `cache_salt` keeps the request from sharing cached prefixes with requests that
+        carry another salt (isolation between tenants, or clean benchmarks)."""
         ...
 
     def adapters(self) -> list[str]:

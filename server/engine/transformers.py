@@ -1,8 +1,18 @@
 """The CPU default engine: transformers + peft, one worker thread, batched decoding with a KV cache.
 
 Requests queue up; the worker takes up to `max_batch_size` rows that use the same adapter, prefills them
-together (left padding), then decodes step by step, dropping rows from the batch as they finish so that short
-answers return at once. The model never runs on the event loop.
+together, then decodes step by step, dropping rows from the batch as they finish so that short answers return
+at once. The model never runs on the event loop.
+
+Two things make refinement rounds cheap (both exact: the text is what plain greedy decoding gives):
+- prefix reuse: a prompt that starts like an earlier sequence (the previous round) reuses its KV cache
+  (`PrefixCache`) and computes only its new tokens;
+- draft verification: a greedy request may carry a draft (the previous round's answer). It is fed after the
+  prompt in the same forward pass; the model's argmax at each draft position says how much of it greedy decoding
+  would produce, that much is accepted at once, and decoding goes on from the first mismatch.
+
+Rows in one batch may thus start with different amounts of cached KV: the batch cache is laid out right-aligned,
+with an attention mask that hides left padding and rejected draft positions; every row carries its own positions.
 """
 
 from __future__ import annotations
@@ -31,8 +41,11 @@ from server.engine.base import (
     SamplingParams,
     is_token_ids,
 )
+from server.engine.prefix_cache import PrefixCache, PrefixEntry
 
 log = logging.getLogger(__name__)
+
+MAX_DRAFT_TOKENS = 256  # a verification pass keeps logits for every draft position: bound its memory
 
 
 @dataclass(eq=False)
@@ -40,9 +53,13 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
+    draft: list[int]  # greedy n=1 only; empty when there is none
+    cache_salt: str | None
     future: asyncio.Future[Generation]
     loop: asyncio.AbstractEventLoop
     cancelled: bool = False
+    cached_tokens: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass(eq=False)
@@ -58,9 +75,15 @@ class _Command:
 class _Row:
     job: _Job
     generator: torch.Generator | None
+    fed: list[int]  # the tokens whose keys/values are live in this row of the batch cache, in order
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None  # set when a stop string cut the text
     finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+
+    @property
+    def position(self) -> int:
+        return len(self.fed)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any, error: bool = False) -> None:
@@ -87,6 +110,7 @@ class TransformersEngine:
         max_model_len: int | None = None,
         dtype: str = "bfloat16",
         num_threads: int | None = None,
+        prefix_cache_tokens: int = 65536,
     ) -> None:
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.model_dir = Path(model_dir)
@@ -101,6 +125,7 @@ class TransformersEngine:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else next(iter(self._eos_ids), 0)
         self._adapters: dict[str, str] = {}
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._queue: queue.Queue[_Job | _Command | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="toolace-engine", daemon=True)
         self._thread.start()
@@ -138,6 +163,8 @@ class TransformersEngine:
         prompt: Sequence[int] | Sequence[ChatMessage],
         params: SamplingParams,
         adapter: str | None = None,
+        draft: Sequence[int] | None = None,
+        cache_salt: str | None = None,
     ) -> Generation:
         ids = list(prompt) if is_token_ids(prompt) else self.encode_chat(prompt)  # type: ignore[arg-type]
         if not ids:
@@ -152,7 +179,8 @@ class TransformersEngine:
         if params.n < 1:
             raise EngineError("n must be at least 1")
         loop = asyncio.get_running_loop()
-        job = _Job(ids, params, adapter, loop.create_future(), loop)
+        usable_draft = list(draft or ())[:MAX_DRAFT_TOKENS] if params.greedy and params.n == 1 else []
+        job = _Job(ids, params, adapter, usable_draft, cache_salt, loop.create_future(), loop)
         self._queue.put(job)
         try:
             return await job.future
@@ -173,6 +201,8 @@ class TransformersEngine:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
             self.model.eval()
             self._adapters[name] = str(path)
+            if self.prefix_cache:
+                self.prefix_cache.clear_adapter(name)
 
         await self._on_worker(load)
 
@@ -182,6 +212,8 @@ class TransformersEngine:
                 raise EngineError(f"adapter {name!r} is not loaded")
             self.model.delete_adapter(name)
             del self._adapters[name]
+            if self.prefix_cache:
+                self.prefix_cache.clear_adapter(name)
 
         await self._on_worker(unload)
 
@@ -264,56 +296,141 @@ class TransformersEngine:
         return nullcontext()
 
     def _decode(self, jobs: list[_Job]) -> None:
-        longest = max(len(job.prompt_ids) for job in jobs)
-        input_ids = torch.full((len(jobs), longest), self._pad_id, dtype=torch.long)
-        attention = torch.zeros((len(jobs), longest), dtype=torch.long)
-        for i, job in enumerate(jobs):
-            input_ids[i, longest - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-            attention[i, longest - len(job.prompt_ids) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache, attention, logits, rows, emitted = self._prefill(jobs)
+        rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
+        next_tokens: list[int] = []
+        for row, tokens in zip(rows, emitted, strict=True):
+            for token in tokens:
+                self._advance(row, token)
+                if row.finish_reason is not None:
+                    break
+            next_tokens.append(tokens[-1])
+        while True:
+            done = [row.finish_reason is not None for row in rows]
+            for row in (r for r, d in zip(rows, done, strict=True) if d):
+                self._store_prefix(row, rows.index(row), cache, attention)
+                job_rows = rows_of[id(row.job)]
+                if all(r.finish_reason for r in job_rows) and not row.job.future.done():
+                    self._finish(row.job, job_rows)
+            keep = [i for i, d in enumerate(done) if not d]
+            if not keep:
+                return
+            if len(keep) != len(rows):
+                index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(index)
+                attention = attention[index]
+                rows, next_tokens = [rows[i] for i in keep], [next_tokens[i] for i in keep]
+            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            positions = torch.tensor([[row.position] for row in rows], dtype=torch.long)
+            for row, token in zip(rows, next_tokens, strict=True):
+                row.fed.append(token)
+            logits = self.model(
+                input_ids=torch.tensor(next_tokens, dtype=torch.long).unsqueeze(1),
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1, :]
+            next_tokens = self._sample(logits, rows)
+            for row, token in zip(rows, next_tokens, strict=True):
+                self._advance(row, token)
+
+    def _prefill(
+        self, jobs: list[_Job]
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, list[_Row], list[list[int]]]:
+        """One forward pass over every job's uncached prompt tokens (and draft). Returns the batch cache, its
+        attention mask, the last logits, one row per sample, and the tokens each row emits from this pass."""
+        reused = [self._lookup_prefix(job) for job in jobs]
+        cached = [length for _, length in reused]
+        fresh = [job.prompt_ids[c:] + job.draft for job, c in zip(jobs, cached, strict=True)]
+        width_cached, width_new = max(cached), max(len(f) for f in fresh)
+        cache = self._batch_cache(reused, width_cached)
+        attention = torch.zeros((len(jobs), width_cached + width_new), dtype=torch.long)
+        input_ids = torch.full((len(jobs), width_new), self._pad_id, dtype=torch.long)
+        positions = torch.zeros((len(jobs), width_new), dtype=torch.long)
+        for i, (c, new) in enumerate(zip(cached, fresh, strict=True)):
+            attention[i, width_cached - c : width_cached] = 1
+            attention[i, attention.shape[1] - len(new) :] = 1
+            input_ids[i, width_new - len(new) :] = torch.tensor(new)
+            positions[i, width_new - len(new) :] = torch.arange(c, c + len(new))
+        keep = 1 + max(len(job.draft) for job in jobs)
         logits = self.model(
             input_ids=input_ids,
             attention_mask=attention,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1, :]
+            logits_to_keep=keep,
+        ).logits
 
-        # n > 1: the prompt is prefilled once, its cache rows are then copied per sample.
-        rows = [_Row(job, self._generator(job.params, k)) for job in jobs for k in range(job.params.n)]
-        if len(rows) != len(jobs):
-            index = torch.tensor([i for i, job in enumerate(jobs) for _ in range(job.params.n)])
-            cache.batch_select_indices(index)
-            logits, attention, positions = logits[index], attention[index], positions[index]
-        last_pos = positions[:, -1]
-        rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
+        # n > 1: the prompt is prefilled once, then its cache row is copied for every sample.
+        index = [i for i, job in enumerate(jobs) for _ in range(job.params.n)]
+        if len(index) != len(jobs):
+            cache.batch_select_indices(torch.tensor(index))
+            attention, logits = attention[index], logits[index]
+        rows = [
+            _Row(jobs[i], self._generator(jobs[i].params, k), fed=list(jobs[i].prompt_ids))
+            for i, k in zip(index, _sample_numbers(jobs), strict=True)
+        ]
+        emitted = [[token] for token in self._sample(logits[:, -1, :], rows)]
+        for r, row in enumerate(rows):
+            if row.job.draft:
+                emitted[r] = self._verify_draft(row, logits[r], attention[r])
+        return cache, attention, logits[:, -1, :], rows, emitted
 
-        while True:
-            tokens = self._sample(logits, rows)
-            for row, token in zip(rows, tokens, strict=True):
-                self._advance(row, token)
-                job_rows = rows_of[id(row.job)]
-                if row.finish_reason is not None and all(r.finish_reason for r in job_rows):
-                    self._finish(row.job, job_rows)
-            keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
-            if not keep:
-                return
-            if len(keep) != len(rows):
-                index = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(index)
-                attention, last_pos = attention[index], last_pos[index]
-                rows, tokens = [rows[i] for i in keep], [tokens[i] for i in keep]
-            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-            last_pos = last_pos + 1
-            logits = self.model(
-                input_ids=torch.tensor(tokens, dtype=torch.long).unsqueeze(1),
-                attention_mask=attention,
-                position_ids=last_pos.unsqueeze(1),
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1, :]
+    def _verify_draft(self, row: _Row, logits: torch.Tensor, attention: torch.Tensor) -> list[int]:
+        """Accept the longest draft prefix greedy decoding agrees with; hide the rest of it from attention.
+        Returns the tokens to emit: the accepted draft tokens, then the model's own next token."""
+        draft = row.job.draft
+        predicted = logits[logits.shape[0] - len(draft) - 1 :].argmax(dim=-1).tolist()
+        accepted = next((j for j, (p, d) in enumerate(zip(predicted, draft, strict=False)) if p != d), len(draft))
+        if accepted < len(draft):
+            attention[attention.shape[0] - (len(draft) - accepted) :] = 0
+        row.fed.extend(draft[:accepted])
+        row.job.draft_accepted = accepted
+        return draft[:accepted] + [predicted[accepted]]
+
+    def _lookup_prefix(self, job: _Job) -> tuple[PrefixEntry | None, int]:
+        if self.prefix_cache is None:
+            return None, 0
+        entry, length = self.prefix_cache.lookup(torch.tensor(job.prompt_ids), job.adapter, job.cache_salt)
+        length = min(length, len(job.prompt_ids) - 1)  # the last prompt token must run: it yields the logits
+        if entry is None or length <= 0:
+            return None, 0
+        self.prefix_cache.record_hit(length)
+        job.cached_tokens = length
+        return entry, length
+
+    @staticmethod
+    def _batch_cache(reused: list[tuple[PrefixEntry | None, int]], width: int) -> DynamicCache:
+        """A batch cache holding each row's reused prefix right-aligned in `width` slots (zeros before it)."""
+        cache = DynamicCache()
+        first = next((entry for entry, _ in reused if entry is not None), None)
+        if first is None or width == 0:
+            return cache
+        for layer, (keys0, values0) in enumerate(first.layers):
+            heads, _, dim = keys0.shape
+            keys = keys0.new_zeros((len(reused), heads, width, dim))
+            values = values0.new_zeros((len(reused), values0.shape[0], width, values0.shape[2]))
+            for i, (entry, length) in enumerate(reused):
+                if entry is not None:
+                    keys[i, :, width - length :] = entry.layers[layer][0][:, :length]
+                    values[i, :, width - length :] = entry.layers[layer][1][:, :length]
+            cache.update(keys, values, layer)
+        return cache
+
+    def _store_prefix(self, row: _Row, index: int, cache: DynamicCache, attention: torch.Tensor) -> None:
+        """Keep a finished row's live keys/values so a later prompt that starts the same way can reuse them."""
+        if self.prefix_cache is None or row.finish_reason == "abort" or row.job.params.n != 1:
+            return
+        live = attention[index].nonzero().squeeze(-1)
+        if live.numel() != len(row.fed):  # cannot happen by construction; never store a misaligned entry
+            log.warning("prefix cache: %d live positions for %d tokens; not stored", live.numel(), len(row.fed))
+            return
+        layers = tuple(
+            (layer.keys[index][:, live].clone(), layer.values[index][:, live].clone()) for layer in cache.layers
+        )
+        self.prefix_cache.store(PrefixEntry(torch.tensor(row.fed), layers, row.job.adapter, row.job.cache_salt))
 
     @staticmethod
     def _generator(params: SamplingParams, k: int) -> torch.Generator | None:
@@ -348,7 +465,7 @@ class TransformersEngine:
             row.finish_reason = "abort"
             return
         if token in self._eos_ids:
-            row.finish_reason = "stop"
+            row.finish_reason, row.stop_token_id = "stop", token
             return
         row.token_ids.append(token)
         if params.stop:
@@ -368,7 +485,20 @@ class TransformersEngine:
                 else self.tokenizer.decode(row.token_ids, skip_special_tokens=True),
                 token_ids=tuple(row.token_ids),
                 finish_reason=row.finish_reason or "stop",
+                stop_token_id=row.stop_token_id,
             )
             for row in job_rows
         )
-        _resolve(job.loop, job.future, Generation(prompt_tokens=len(job.prompt_ids), completions=completions))
+        generation = Generation(
+            prompt_tokens=len(job.prompt_ids),
+            completions=completions,
+            cached_tokens=job.cached_tokens,
+            draft_tokens=len(job.draft),
+            draft_accepted_tokens=job.draft_accepted,
+        )
+        _resolve(job.loop, job.future, generation)
+
+
+def _sample_numbers(jobs: list[_Job]) -> list[int]:
+    """For every row, which of its job's n samples it is (seeds differ per sample)."""
+    return [k for job in jobs for k in range(job.params.n)]

@@ -99,3 +99,66 @@ def test_prompt_too_long_is_an_engine_error(engine: TransformersEngine) -> None:
         asyncio.run(engine.generate([1] * engine.max_model_len, SamplingParams(max_tokens=1)))
     with pytest.raises(EngineError):
         asyncio.run(engine.generate(HELLO, SamplingParams(), adapter="no-such-adapter"))
+
+
+# ---- the fast refinement path: prefix reuse and draft verification, exact against plain greedy decoding ----
+# float32 here: bf16 sums differ between a 1-token and a many-token forward pass, which may flip a near tie.
+
+
+@pytest.fixture(scope="module")
+def exact(smol_dir: Path) -> Iterator[tuple[TransformersEngine, TransformersEngine]]:
+    """(fast engine, plain engine without a prefix cache), both float32."""
+    fast = TransformersEngine(smol_dir, dtype="float32", max_batch_size=4)
+    plain = TransformersEngine(smol_dir, dtype="float32", max_batch_size=4, prefix_cache_tokens=0)
+    yield fast, plain
+    asyncio.run(fast.close())
+    asyncio.run(plain.close())
+
+
+QUESTIONS = ["What is the capital of France?", "Give me three colors.", "How do I boil an egg?"]
+GREEDY = SamplingParams(max_tokens=24)
+
+
+def test_drafts_are_verified_exactly(exact: tuple[TransformersEngine, TransformersEngine]) -> None:
+    fast, plain = exact
+    prompt = [{"role": "user", "content": QUESTIONS[0]}]
+    reference = asyncio.run(plain.generate(prompt, GREEDY)).completions[0]
+    right = reference.as_draft
+    wrong_at_3 = [*right[:3], (right[3] + 1) % 1000, *right[4:]]
+    for draft, accepted in ((right, len(right)), (wrong_at_3, 3), ([5, 6, 7], None)):
+        result = asyncio.run(fast.generate(prompt, GREEDY, draft=draft))
+        assert result.text == reference.text
+        assert result.draft_tokens == len(draft)
+        if accepted is not None:
+            assert result.draft_accepted_tokens == accepted
+    sampled = asyncio.run(fast.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=1), draft=right))
+    assert sampled.draft_tokens == 0  # drafts are for greedy decoding only
+
+
+def test_a_repeated_prefix_is_reused(exact: tuple[TransformersEngine, TransformersEngine]) -> None:
+    fast, _ = exact
+    prompt = [{"role": "user", "content": QUESTIONS[1]}]
+    first = asyncio.run(fast.generate(prompt, GREEDY, cache_salt="reuse-test"))
+    again = asyncio.run(fast.generate(prompt, GREEDY, cache_salt="reuse-test"))
+    other_salt = asyncio.run(fast.generate(prompt, GREEDY, cache_salt="someone-else"))
+    assert first.cached_tokens == 0 and other_salt.cached_tokens == 0
+    assert again.cached_tokens == again.prompt_tokens - 1
+    assert again.text == first.text == other_salt.text
+
+
+def test_mixed_batch_matches_plain_decoding(exact: tuple[TransformersEngine, TransformersEngine]) -> None:
+    """One batch holding a draft row, a cached-prefix row and a fresh row gives each its plain greedy answer."""
+    fast, plain = exact
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    references = [asyncio.run(plain.generate(p, GREEDY)).completions[0] for p in prompts]
+    asyncio.run(fast.generate(prompts[1], GREEDY, cache_salt="mixed"))  # cache prompt 1
+
+    async def together() -> list[str]:
+        results = await asyncio.gather(
+            fast.generate(prompts[0], GREEDY, draft=references[0].as_draft),
+            fast.generate(prompts[1], GREEDY, cache_salt="mixed"),
+            fast.generate(prompts[2], GREEDY, cache_salt="fresh"),
+        )
+        return [r.text for r in results]
+
+    assert asyncio.run(together()) == [r.text for r in references]
