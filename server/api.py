@@ -10,10 +10,11 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import APIError, Unauthorized, error_body
+from server.metrics import CONTENT_TYPE, UNKNOWN_MODEL, Metrics, status_class
 from server.protocol import ChatCompletionRequest
 from server.refine import RefineMode
 from server.serving import ChatService
@@ -69,7 +70,36 @@ class JSONBodyByDefault:
         await self.app(scope, receive, send)
 
 
-def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
+class RequestMetrics:
+    """ASGI middleware: counts chat completions by status class and keeps the in-flight gauge."""
+
+    PATH = "/v1/chat/completions"
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != self.PATH:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_recording_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_recording_status)
+        finally:
+            self.metrics.in_flight.dec()
+            model = scope.get("state", {}).get("model", UNKNOWN_MODEL)  # set by the route once the body parsed
+            self.metrics.requests.labels(model, status_class(status)).inc()
+
+
+def create_app(service: ChatService, *, api_key: str | None = None, metrics_public: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -77,6 +107,7 @@ def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="ToolACE-R server", version="0.1.0", lifespan=lifespan)
     app.add_middleware(JSONBodyByDefault)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -113,11 +144,17 @@ def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
     async def models() -> dict[str, Any]:
         return service.models().model_dump(mode="json")
 
+    @app.get("/metrics", dependencies=[] if metrics_public else [Depends(authorize)])
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(
+        request: Request,
         body: ChatCompletionRequest,
         refine: RefineMode | None = Query(default=None, description="refinement mode, when the body has none"),
     ) -> JSONResponse:
+        request.state.model = service.model_label(body.model)
         response = await service.complete(body, refine)
         return JSONResponse(response.to_json())
 

@@ -33,8 +33,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--api-key",
         default=os.environ.get("TOOLACE_R_API_KEY"),
-        help="require this bearer key on /v1/* (env TOOLACE_R_API_KEY)",
+        help="require this bearer key on /v1/* and /metrics (env TOOLACE_R_API_KEY)",
     )
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     p.add_argument(
         "--prompt-format",
         choices=[f.value for f in PromptFormat],
@@ -87,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         draft_refinement=args.draft_refinement,
     )
-    app = create_app(ChatService(engine, config), api_key=args.api_key)
+    app = create_app(ChatService(engine, config), api_key=args.api_key, metrics_public=args.metrics_public)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -37,6 +37,7 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    attempted_call: bool = False  # the text looks like a tool call (whether or not it parsed)
 
 
 AnswerFn = Callable[[str | None], Awaitable[Answer]]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from server import toolcalls
 from server.engine import Engine, EngineError, SamplingParams
 from server.errors import BadRequest, NotFound
+from server.metrics import UNKNOWN_MODEL, Metrics
 from server.prompts import Prompt, PromptFormat, build_prompt
 from server.protocol import (
     AssistantMessage,
@@ -53,9 +55,14 @@ class _Tally:
 class ChatService:
     """Runs chat completions over an engine. Knows nothing of HTTP; raises APIError subclasses."""
 
-    def __init__(self, engine: Engine, config: ServingConfig) -> None:
+    def __init__(self, engine: Engine, config: ServingConfig, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.metrics = metrics or Metrics()
+
+    def model_label(self, model: str) -> str:
+        """The metrics label for a requested model: its name when served, else a fixed placeholder."""
+        return model if model == self.config.served_model_name or model in self.engine.adapters() else UNKNOWN_MODEL
 
     def models(self) -> ModelList:
         base = self.config.served_model_name
@@ -66,6 +73,7 @@ class ChatService:
     async def complete(
         self, request: ChatCompletionRequest, refine_query: RefineMode | None = None
     ) -> ChatCompletionResponse:
+        start = time.perf_counter()
         adapter = self._route(request.model)
         self._check_supported(request)
         if request.model_extra:
@@ -102,13 +110,35 @@ class ChatService:
             return Answer(
                 text=generation.text,
                 canonical=toolcalls.canonical(parsed or generation.text),
+                attempted_call=use_tools and toolcalls.looks_like_call(generation.text),
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
                 finish_reason=generation.finish_reason,
             )
 
         outcome = await run_refinement(answer, mode, request.max_refine_iterations)
-        return self._response(request, mode, outcome, use_tools, tally)
+        response = self._response(request, mode, outcome, use_tools, tally)
+        self._observe(request.model, mode, outcome, tally, response, time.perf_counter() - start)
+        return response
+
+    def _observe(
+        self,
+        model: str,
+        mode: RefineMode,
+        outcome: RefineOutcome,
+        tally: _Tally,
+        response: ChatCompletionResponse,
+        seconds: float,
+    ) -> None:
+        m = self.metrics
+        m.observe_refinement(model, mode.value, outcome)
+        m.duration.labels(model, mode.value).observe(seconds)
+        m.ttft.labels(model, mode.value).observe(seconds)  # non-streamed: the answer arrives all at once
+        m.cached_prompt_tokens.labels(model).inc(tally.cached_tokens)
+        m.draft_tokens.labels(model, "accepted").inc(tally.accepted_draft_tokens)
+        m.draft_tokens.labels(model, "rejected").inc(tally.rejected_draft_tokens)
+        if response.choices[0].finish_reason != "tool_calls" and outcome.final.attempted_call:
+            m.parse_failures.labels(model).inc()
 
     def _route(self, model: str) -> str | None:
         """The adapter a model name routes to (None for the base model); 404 for an unknown name."""

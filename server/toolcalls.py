@@ -67,6 +67,12 @@ def parse_answer(text: str) -> ParsedAnswer:
     return ParsedAnswer(content=text.strip() or None, tool_calls=())
 
 
+def looks_like_call(text: str) -> bool:
+    """Whether the text starts the way a tool call does, so a failure to parse it is worth counting."""
+    body = text.lstrip()
+    return body.startswith(("[", "{", _HERMES_OPEN, "```")) or _HERMES_OPEN in body
+
+
 def _calls_or_nothing(text: str) -> tuple[ToolCall, ...]:
     """The calls `text` consists of, in the pythonic or the JSON form; () when it is anything else."""
     body = text.strip()

@@ -54,7 +54,8 @@ def start_server(model: str, log_dir: Path, *extra: str, startup_timeout: float 
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port), "--api-key", API_KEY]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen([*cmd, *extra], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ)
-    server = RunningServer(f"http://127.0.0.1:{port}", model, API_KEY, log_path)
+    served_name = model_store.DEFAULT_MODEL if model == "default" else model
+    server = RunningServer(f"http://127.0.0.1:{port}", served_name, API_KEY, log_path)
     deadline = time.monotonic() + startup_timeout
     try:
         while True:

@@ -409,3 +409,12 @@ def test_fenced_calls_inside_prose_keep_the_prose_as_content() -> None:
 )
 def test_lenient_forms_still_reject_non_calls(text: str) -> None:
     assert parse_answer(text) == ParsedAnswer(content=text.strip(), tool_calls=())
+
+
+def test_looks_like_call() -> None:
+    from server.toolcalls import looks_like_call
+
+    assert looks_like_call("[f(a=1")
+    assert looks_like_call('  {"name": "f"')
+    assert looks_like_call("Sure <tool_call>{")
+    assert not looks_like_call("The weather is nice.")
