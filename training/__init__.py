@@ -1,4 +1,6 @@
-"""ToolACE-R model-aware iterative training (produces LoRA adapters into `adapters/`).
+"""ToolACE-R model-aware iterative training: `toolace-r train` turns a base model and tool-calling data into a LoRA
+adapter in `adapters/<name>/`. See training/README.md.
 
-Not built yet: see the training issue. It will reuse `server.engine`, `server.toolcalls` and `server.prompts`.
+data.py (loaders → Sample) → select.py (pass@k) → refine_data.py → sft.py (LoRA) → heldout.py, driven by loop.py;
+config.py and cli.py around it. Reuses `server.engine`, `server.toolcalls` and `server.prompts`, never the HTTP layer.
 """

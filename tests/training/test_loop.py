@@ -1,0 +1,99 @@
+"""The loop's bookkeeping with a scripted engine and a stub trainer: resume after a crash, stop rule, manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from training.config import TrainConfig
+from training.data import load_source
+from training.loop import ConfigMismatch, train
+from training.sft import TrainResult
+
+SOURCE = {"type": "bfcl", "category": "live_parallel", "limit": 8}
+
+
+def _config(tmp_path: Path) -> TrainConfig:
+    return TrainConfig.from_dict(
+        {
+            "name": "loop-test",
+            "output_dir": str(tmp_path / "adapters"),
+            "run_dir": str(tmp_path / "run"),
+            "model": {"base": "smollm2-135m-instruct"},
+            "data": {"sources": [SOURCE], "heldout": 2, "max_prompt_tokens": 4096},
+            "selection": {"k": 2},
+            "refine": {"k": 2},
+            "loop": {"max_iterations": 3},
+        }
+    )
+
+
+def _oracle_engine(scripted):  # noqa: ANN001, ANN202
+    """Answers every question with its ground truth (so every sample is selected, every first answer is right)."""
+    targets = {s.query: s.target() for s in load_source(SOURCE)}
+    return scripted(lambda messages, params: [targets[messages[1]["content"]]] * params.n)
+
+
+class Crash(Exception):
+    pass
+
+
+def _stub_trainer(calls: list[Path | None], crash: bool = False):  # noqa: ANN202
+    def trainer(base_dir: Path, examples: Any, config: Any, output_dir: Path, work_dir: Path, **kw: Any) -> Any:
+        calls.append(kw.get("init_adapter"))
+        if crash:
+            raise Crash
+        output_dir.mkdir(parents=True)
+        save_file({"w": torch.ones(2, dtype=torch.float32)}, output_dir / "adapter_model.safetensors")
+        (output_dir / "adapter_config.json").write_text("{}")
+        return TrainResult(len(examples), 0, 1, 10, [1.0])
+
+    return trainer
+
+
+def test_resume_after_a_crash_redoes_nothing_finished(scripted, tmp_path: Path) -> None:  # noqa: ANN001
+    engine = _oracle_engine(scripted)
+    config = _config(tmp_path)
+    with pytest.raises(Crash):
+        train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([], crash=True))
+    sampled = len(engine.calls)  # baseline (2 greedy) + selection (6 with n=2); no refine check: all answers right
+    assert sampled == 2 + 6
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["iterations"][0]["selected"] == 6 and "train" not in state["iterations"][0]
+
+    trained: list[Path | None] = []
+    manifest = train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer(trained))
+    # Resumed at training: no baseline or selection again; then held-out eval (2), iteration 2's selection (6).
+    assert len(engine.calls) - sampled == 2 + 6
+    assert trained == [None]  # iteration 1 only: iteration 2 selected no more (6 → 6) and the loop stopped
+    assert "stopped growing" in manifest["stop_reason"]
+    assert [it["selected"] for it in manifest["iterations"]] == [6, 6]
+    assert manifest["iterations"][0]["refine"] == {
+        "direct": 6,
+        "refine_stop": 6,
+        "refine_fix": 0,
+        "refine_fix_rejected": 0,
+    }
+    assert manifest["iterations"][0]["heldout"] == {"n": 2, "exact": 1.0, "approx": 1.0}
+    out = tmp_path / "adapters" / "loop-test"
+    assert json.loads((out / "manifest.json").read_text())["base_model"]["name"] == "smollm2-135m-instruct"
+    assert (out / "adapter_model.safetensors").exists() and (out / "progress.png").exists()
+    examples = (tmp_path / "run" / "iter_1" / "examples.jsonl").read_text().splitlines()
+    assert len(examples) == 12
+
+
+def test_a_changed_config_is_not_mixed_into_an_old_run(scripted, tmp_path: Path) -> None:  # noqa: ANN001
+    engine = _oracle_engine(scripted)
+    train(_config(tmp_path), progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+    changed = _config(tmp_path)
+    changed.selection.k = 4
+    with pytest.raises(ConfigMismatch, match="selection.k"):
+        train(changed, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+    more = _config(tmp_path)
+    more.loop.max_iterations = 5  # allowed: the run already stopped on its own rule
+    train(more, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))

@@ -1,0 +1,73 @@
+"""pass@k selection and self-refine data with a scripted engine: n=k in one call, resumable records."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from server.prompts import REFINE_PROMPT
+from training.config import RefineConfig, SelectionConfig
+from training.refine_data import build_refine_examples
+from training.select import select
+
+RIGHT, WRONG, CLOSE = "[get_weather(city='Paris')]", "[get_time(city='Paris')]", "[get_weather(city='Pari')]"
+
+
+def test_selection_samples_k_answers_in_one_call_and_keeps_approximate_hits(
+    scripted, make_sample, tmp_path: Path
+) -> None:  # noqa: ANN001
+    answers = {
+        "Paris": [WRONG, CLOSE, WRONG],  # CLOSE has one differing value: ≈ the truth
+        "Rome": [WRONG, WRONG, RIGHT],  # RIGHT asks for Paris: one value off too, but the name is wrong in the others
+        "Oslo": [WRONG, WRONG, WRONG],
+    }
+    engine = scripted(lambda messages, params: answers[messages[-1]["content"].split()[-1].rstrip("?")])
+    samples = [make_sample("a", "Paris"), make_sample("b", "Oslo")]
+    config = SelectionConfig(k=3, concurrency=2)
+    records = asyncio.run(select(engine, samples, config, tmp_path / "select.jsonl", adapter="it1", iteration=1))
+    assert [r["selected"] for r in records.values()] == [True, False]
+    assert records["a"]["matched"] == [False, True, False]
+    assert len(engine.calls) == 2 and all(p.n == 3 and p.temperature == 1.0 for _, p, _ in engine.calls)
+    assert all(adapter == "it1" for _, _, adapter in engine.calls)
+    exact = asyncio.run(select(engine, samples, SelectionConfig(k=3, max_differing_values=0), tmp_path / "exact.jsonl"))
+    assert not exact["a"]["selected"]
+
+
+def test_selection_resumes_from_its_records(scripted, make_sample, tmp_path: Path) -> None:  # noqa: ANN001
+    engine = scripted(lambda messages, params: [RIGHT] * params.n)
+    samples = [make_sample(f"s{i}") for i in range(4)]
+    path = tmp_path / "select.jsonl"
+    asyncio.run(select(engine, samples[:2], SelectionConfig(k=2), path))
+    with path.open("a") as f:
+        f.write('{"id": "s2", "answers": [')  # a line cut short by a crash
+    engine.calls.clear()
+    records = asyncio.run(select(engine, samples, SelectionConfig(k=2), path))
+    assert len(engine.calls) == 2  # only s2 and s3 were sampled again
+    assert list(records) == ["s0", "s1", "s2", "s3"] and all(r["selected"] for r in records.values())
+
+
+def test_refine_examples_stop_fix_and_reject(scripted, make_sample, tmp_path: Path) -> None:  # noqa: ANN001
+    samples = [make_sample("stop"), make_sample("fix"), make_sample("hopeless")]
+    selection = {
+        "stop": {"answers": [RIGHT, WRONG]},  # first answer right: teaches to stop
+        "fix": {"answers": [CLOSE, RIGHT]},
+        "hopeless": {"answers": [WRONG, RIGHT]},
+    }
+
+    def script(messages, params):  # noqa: ANN001, ANN202
+        assert messages[-1] == {"role": "user", "content": REFINE_PROMPT}
+        previous = messages[-2]["content"]
+        return [RIGHT if previous == CLOSE else WRONG] * params.n
+
+    engine = scripted(script)
+    examples = asyncio.run(
+        build_refine_examples(
+            engine, samples, selection, RefineConfig(k=4), SelectionConfig(), tmp_path / "refine.jsonl"
+        )
+    )
+    by_kind = {e.kind: e for e in examples}
+    assert set(by_kind) == {"refine_stop", "refine_fix"}
+    assert by_kind["refine_stop"].target == RIGHT and by_kind["refine_stop"].messages[-2]["content"] == RIGHT
+    assert by_kind["refine_fix"].target == RIGHT and by_kind["refine_fix"].messages[-2]["content"] == CLOSE
+    assert [e.messages[-1]["content"] for e in examples] == [REFINE_PROMPT] * 2
+    assert len(engine.calls) == 2 and all(p.n == 4 for _, p, _ in engine.calls)  # no check for the stop sample

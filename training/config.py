@@ -1,0 +1,172 @@
+"""The training configuration: one dataclass tree, loaded from YAML, overridable field by field from the CLI.
+
+A run is reproducible from its config file alone: data subsets, splits, sampling and training are all seeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    base: str = "default"  # an embedded model name ("default" = Qwen2.5-Coder-0.5B-Instruct) or a HF checkpoint dir
+    generate_dtype: str = "bfloat16"  # weights of the engine that samples and evaluates
+    max_batch_size: int = 8  # rows the engine decodes together
+
+
+@dataclass
+class DataConfig:
+    # Each: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path}, optional `limit`.
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    heldout: int = 50  # samples held out (never trained on) to score each iteration
+    max_train_samples: int | None = None  # the training pool, after the held-out slice
+    max_prompt_tokens: int = 1536  # samples whose prompt is longer are dropped (before the split)
+    seed: int = 0
+
+
+@dataclass
+class SelectionConfig:
+    k: int = 8  # answers sampled per sample (pass@k), n=k in one engine call
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_differing_values: int = 1  # the paper's ≈; 0 = exact match
+    concurrency: int = 2  # samples in flight at once (each is one n=k request)
+    seed: int = 0
+
+
+@dataclass
+class RefineConfig:
+    enabled: bool = True
+    k: int = 8  # refine answers sampled to check the model can reach the ground truth from its own answer
+    temperature: float = 1.0
+    max_differing_values: int = 1
+
+
+@dataclass
+class SFTConfig:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    global_batch_size: int = 64  # per optimizer step, over all devices (gradient accumulation makes up the rest)
+    micro_batch_size: int = 4  # rows per forward pass per device
+    epochs: int = 1  # per iteration
+    max_seq_len: int = 2048  # longer examples are dropped, never truncated (a cut target teaches garbage)
+    mixed_precision: str = "bf16"  # fp32 weights, bf16 autocast (CPU and GPU); "no" for plain fp32
+    checkpoint_every_steps: int = 5  # optimizer steps between resumable checkpoints
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 256
+    concurrency: int = 8  # greedy requests in flight (the engine batches them)
+
+
+@dataclass
+class LoopConfig:
+    max_iterations: int = 3
+    stop_when_not_growing: bool = True  # stop when the selected count does not grow over the previous iteration
+    # False: iteration t+1 keeps training iteration t's adapter (the model that selected its data).
+    # True: each iteration trains a fresh LoRA on the base model, on the data the latest model selected.
+    restart_lora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    name: str = "toolace-r"
+    output_dir: str = "adapters"  # the adapter lands in <output_dir>/<name>/
+    run_dir: str | None = None  # state, data and checkpoints; default $TOOLACE_R_HOME/runs/<name>
+    output_dtype: str = "bfloat16"  # of the published adapter weights (training keeps fp32 masters)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def override(self, dotted: str, value: Any) -> None:
+        """Set one field by its dotted path (`sft.learning_rate`), e.g. from a command-line flag."""
+        *parents, leaf = dotted.split(".")
+        target: Any = self
+        for part in parents:
+            target = getattr(target, part)
+        if leaf not in {f.name for f in dataclasses.fields(target)}:
+            raise KeyError(f"unknown config field {dotted!r}")
+        setattr(target, leaf, value)
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir).expanduser()
+        from server.model_store import home_dir
+
+        return home_dir() / "runs" / self.name
+
+    def adapter_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.name
+
+    def validate(self) -> None:
+        if not self.data.sources:
+            raise ValueError("data.sources is empty: name at least one dataset to train on")
+        if self.selection.k < 1 or self.refine.k < 1:
+            raise ValueError("selection.k and refine.k must be at least 1")
+        if self.sft.global_batch_size % self.sft.micro_batch_size:
+            raise ValueError("sft.global_batch_size must be a multiple of sft.micro_batch_size")
+        if not self.name or os.sep in self.name:
+            raise ValueError(f"name {self.name!r} must be a plain directory name")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise KeyError(f"unknown config field(s): {', '.join(prefix + k for k in sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, f"{prefix}{name}.")
+        elif isinstance(known[name].default, float) and isinstance(value, str):
+            kwargs[name] = float(value)  # YAML 1.1 reads "3e-4" as a string
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def leaf_fields(config: TrainConfig | None = None) -> list[str]:
+    """Every overridable field as a dotted path (`selection.k`), for the CLI's flags."""
+    config = config or TrainConfig()
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            out += walk(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+        return out
+
+    return walk(config, "")

@@ -1,0 +1,359 @@
+"""Tool-calling datasets in one sample type: the conversation so far, the candidate tools, the ground-truth calls.
+
+Loaders for the formats that ship in packages (see ../shared/RESOURCES.md):
+- BFCL (`bfcl-eval`): questions + possible answers, where a parameter can have several acceptable values;
+- nestful / glaive-style `{"input", "output": [{"name", "arguments", "label"}]}` with a separate tool spec file;
+- OpenAI chat JSONL: `{"messages": [...], "tools": [...]}` whose last assistant turn (with `tool_calls`) is the answer.
+
+Prompts are built with `server.prompts.build_prompt` (pythonic format), so the model is trained on exactly what the
+server sends at inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.prompts import PromptFormat, build_prompt
+from server.toolcalls import ToolCall, parse_answer, render_hermes, render_pythonic
+
+# BFCL categories the project evaluates on (training/evaluation/): never train on them. `chatable` repeats
+# simple_python. The live categories share almost nothing with these (RESOURCES.md).
+EVAL_CATEGORIES = frozenset({"simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance", "chatable"})
+NESTFUL_SUBSETS = {
+    "glaive": "non-executable/non-executable-glaive",
+    "sgd": "non-executable/non-executable-sgd",
+    "executable": "executable/executable",
+}
+# What the model should say when no offered function fits (BFCL irrelevance); any text without calls matches.
+NO_CALL_ANSWER = "None of the given functions can be used for this request."
+
+
+@dataclass(frozen=True)
+class Nested:
+    """A dict-valued parameter whose own fields have acceptable values (BFCL writes these as `[{"k": [v1, v2]}]`)."""
+
+    fields: Mapping[str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class GroundTruthCall:
+    """One expected call. Each argument lists its acceptable values, the preferred one first; "" among them
+    means the parameter may be left out (BFCL's convention)."""
+
+    name: str
+    arguments: Mapping[str, tuple[Any, ...]]
+
+    @classmethod
+    def exact(cls, call: ToolCall) -> GroundTruthCall:
+        return cls(call.name, {key: (value,) for key, value in call.arguments.items()})
+
+    def preferred(self) -> ToolCall:
+        """The call rendered as the training target: the first acceptable value of each parameter."""
+        arguments = {}
+        for key, values in self.arguments.items():
+            value = first_acceptable(values)
+            if value is not _OMIT:
+                arguments[key] = value
+        return ToolCall(self.name, arguments)
+
+
+_OMIT = object()
+
+
+def first_acceptable(values: Sequence[Any]) -> Any:
+    """The preferred value, or _OMIT when the preferred choice is to leave the parameter out."""
+    if not values or values[0] == "":
+        return _OMIT
+    value = values[0]
+    if isinstance(value, Nested):
+        resolved = {k: first_acceptable(v) for k, v in value.fields.items()}
+        return {k: v for k, v in resolved.items() if v is not _OMIT}
+    return value
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    source: str
+    messages: tuple[dict[str, Any], ...]  # OpenAI chat messages before the answer (system/user/assistant/tool)
+    tools: tuple[dict[str, Any], ...]  # OpenAI tools: {"type": "function", "function": {...}}
+    ground_truth: tuple[GroundTruthCall, ...]  # empty: the right answer calls nothing
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def query(self) -> str:
+        return next((str(m.get("content") or "") for m in reversed(self.messages) if m["role"] == "user"), "")
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The chat messages the server would hand the model for this conversation (pythonic format)."""
+        return list(build_prompt(self.messages, self.tools, PromptFormat.PYTHONIC).messages)
+
+    def target(self) -> str:
+        """The training target: the ground-truth calls as the server expects the model to write them."""
+        if not self.ground_truth:
+            return NO_CALL_ANSWER
+        return render_calls([call.preferred() for call in self.ground_truth])
+
+
+def render_calls(calls: Sequence[ToolCall]) -> str:
+    try:
+        return render_pythonic(calls)
+    except ValueError:  # a name Python cannot spell: the server renders (and parses) the hermes form then
+        return render_hermes(calls)
+
+
+# ---- BFCL ----
+
+
+def bfcl_data_dir() -> Path:
+    spec = importlib.util.find_spec("bfcl_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "bfcl_eval is not installed: pip install --no-deps bfcl-eval==2026.3.23 "
+            "tree_sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4 tenacity filelock"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_bfcl(category: str, *, allow_eval_categories: bool = False) -> list[Sample]:
+    """One BFCL category. Irrelevance categories have no answer file: their ground truth is "no call"."""
+    if category in EVAL_CATEGORIES and not allow_eval_categories:
+        raise ValueError(f"BFCL {category!r} is an evaluation category: training on it would leak the benchmark")
+    root = bfcl_data_dir()
+    question = root / f"BFCL_v4_{category}.json"
+    answers = root / "possible_answer" / f"BFCL_v4_{category}.json"
+    if not question.exists():
+        question = root / "unused_datasets" / "question" / f"BFCL_v4_{category}.json"
+        answers = root / "unused_datasets" / "possible_answer" / f"BFCL_v4_{category}.json"
+    if not question.exists():
+        raise FileNotFoundError(f"no BFCL category {category!r} under {root}")
+    truth = {row["id"]: row["ground_truth"] for row in _jsonl(answers)} if answers.exists() else {}
+    if not truth and "irrelevance" not in category:
+        raise FileNotFoundError(f"BFCL {category!r} has no possible answers ({answers})")
+    samples = []
+    for row in _jsonl(question):
+        turns = row["question"]
+        if len(turns) != 1:  # multi-turn categories need an environment; single-turn only here
+            continue
+        try:
+            calls = tuple(_bfcl_call(item) for item in truth.get(row["id"], []))
+        except ValueError:  # a few exec answers are expressions (`p=1/6`) or positional: no literal target
+            continue
+        tools = tuple({"type": "function", "function": bfcl_function_to_openai(f)} for f in row["function"])
+        samples.append(Sample(row["id"], f"bfcl:{category}", tuple(turns[0]), tools, calls))
+    return samples
+
+
+def _bfcl_call(item: Any) -> GroundTruthCall:
+    if isinstance(item, str):  # exec_* answers are pythonic strings with one value per parameter
+        calls = parse_answer(item).tool_calls
+        if len(calls) != 1:
+            raise ValueError(f"not one literal call: {item!r}")
+        return GroundTruthCall.exact(calls[0])
+    ((name, arguments),) = item.items()
+    return GroundTruthCall(name, {key: _bfcl_values(values) for key, values in arguments.items()})
+
+
+def _bfcl_values(values: list[Any]) -> tuple[Any, ...]:
+    # A dict among the acceptable values is a nested spec whose fields list their own acceptable values; one
+    # whose values are not all lists is a literal (BFCL has a few).
+    return tuple(
+        Nested({k: _bfcl_values(v) for k, v in value.items()})
+        if isinstance(value, dict) and all(isinstance(v, list) for v in value.values())
+        else value
+        for value in values
+    )
+
+
+# BFCL writes Python-ish type names; OpenAI clients (and so the server's prompt) use JSON Schema.
+_BFCL_TYPES = {
+    "dict": "object",
+    "float": "number",
+    "tuple": "array",
+    "list": "array",
+    "any": "string",
+    "bool": "boolean",
+    "int": "integer",
+    "str": "string",
+}
+
+
+def bfcl_function_to_openai(function: Mapping[str, Any]) -> dict[str, Any]:
+    """A BFCL function doc as an OpenAI function (JSON Schema types), as a client would send it to the server."""
+
+    def schema(node: Any) -> Any:
+        if isinstance(node, list):
+            return [schema(item) for item in node]
+        if not isinstance(node, Mapping):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "type" and isinstance(value, str):
+                out[key] = _BFCL_TYPES.get(value, value)
+            elif key == "properties" and isinstance(value, Mapping):
+                out[key] = {name: schema(prop) for name, prop in value.items()}
+            else:
+                out[key] = schema(value)
+        return out
+
+    return schema(dict(function))
+
+
+# ---- nestful / glaive-style ----
+
+
+def nestful_data_dir() -> Path:
+    spec = importlib.util.find_spec("data_v1")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nestful data is not installed: pip install --no-deps nestful-wrapper==0.1.7")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_nestful(subset: str, *, distractors: int = 3, seed: int = 0) -> list[Sample]:
+    """A nestful subset (`glaive`, `sgd`, `executable`) from the `nestful-wrapper` package."""
+    if subset not in NESTFUL_SUBSETS:
+        raise ValueError(f"unknown nestful subset {subset!r}; known: {', '.join(NESTFUL_SUBSETS)}")
+    stem = nestful_data_dir() / NESTFUL_SUBSETS[subset]
+    rows = json.loads(Path(f"{stem}-data.json").read_text())
+    spec = json.loads(Path(f"{stem}-spec.json").read_text())
+    return load_input_output(rows, spec, source=f"nestful:{subset}", distractors=distractors, seed=seed)
+
+
+def load_input_output(
+    rows: Iterable[Mapping[str, Any]],
+    spec: Sequence[Mapping[str, Any]],
+    *,
+    source: str,
+    distractors: int = 3,
+    seed: int = 0,
+) -> list[Sample]:
+    """Glaive/nestful-style rows `{"input", "output": [calls]}` with a shared tool spec.
+
+    Only the first turn is kept: the calls that do not refer to an earlier call's output (`$var1.x$`), which is what
+    a single-turn model must answer. Each sample offers the tools it calls plus `distractors` others from the spec
+    (the whole spec would make prompts of thousands of tokens)."""
+    functions = {f["name"]: nestful_function_to_openai(f) for f in spec}
+    samples = []
+    for index, row in enumerate(rows):
+        calls = [c for c in row["output"] if c["name"] != "var_result" and not _refers_to_output(c["arguments"])]
+        if not calls or any(c["name"] not in functions for c in calls):
+            continue
+        used = list(dict.fromkeys(c["name"] for c in calls))
+        rng = random.Random(f"{seed}:{source}:{index}")
+        others = rng.sample(sorted(set(functions) - set(used)), min(distractors, len(functions) - len(used)))
+        names = used + others
+        rng.shuffle(names)
+        tools = tuple({"type": "function", "function": functions[name]} for name in names)
+        truth = tuple(GroundTruthCall.exact(ToolCall(c["name"], dict(c["arguments"]))) for c in calls)
+        messages = ({"role": "user", "content": str(row["input"]).strip()},)
+        samples.append(Sample(f"{source}-{index}", source, messages, tools, truth))
+    return samples
+
+
+_VAR_REF = re.compile(r"\$var\d+[^$]*\$")
+
+
+def _refers_to_output(value: Any) -> bool:
+    """Whether an argument uses an earlier call's output (`$var1$`, `$var1.x$`, or inside a string)."""
+    if isinstance(value, str):
+        return bool(_VAR_REF.search(value))
+    if isinstance(value, Mapping):
+        return any(_refers_to_output(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_refers_to_output(v) for v in value)
+    return False
+
+
+def nestful_function_to_openai(function: Mapping[str, Any]) -> dict[str, Any]:
+    properties: dict[str, Any] = {}
+    required = []
+    for name, param in (function.get("query_parameters") or {}).items():
+        prop: dict[str, Any] = {"type": param.get("type") or "string"}
+        if param.get("description"):
+            prop["description"] = param["description"]
+        allowed = param.get("allowed_values") or param.get("enum")
+        if allowed:
+            prop["enum"] = list(allowed)
+        if param.get("default_value") not in (None, ""):
+            prop["default"] = param["default_value"]
+        properties[name] = prop
+        if param.get("required"):
+            required.append(name)
+    return {
+        "name": function["name"],
+        "description": function.get("description") or "",
+        "parameters": {"type": "object", "properties": properties, "required": required},
+    }
+
+
+# ---- OpenAI chat JSONL ----
+
+
+def load_chat_jsonl(path: str | Path, *, source: str | None = None) -> list[Sample]:
+    """Lines `{"messages": [...], "tools": [...]}`; the last assistant message is the answer (its `tool_calls`, or
+    none: then the right answer is not to call). `id` is used when present."""
+    from server.toolcalls import from_openai
+
+    samples = []
+    for index, row in enumerate(_jsonl(Path(path))):
+        messages = list(row["messages"])
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise ValueError(f"{path}:{index + 1}: no assistant message to learn from")
+        answer = messages[last]
+        calls = tuple(GroundTruthCall.exact(c) for c in from_openai(answer.get("tool_calls") or []))
+        tools = tuple(t if "function" in t else {"type": "function", "function": t} for t in row.get("tools") or [])
+        sample_id = str(row.get("id", f"{Path(path).stem}-{index}"))
+        samples.append(Sample(sample_id, source or f"chat:{Path(path).name}", tuple(messages[:last]), tools, calls))
+    return samples
+
+
+# ---- sources from a config ----
+
+
+def load_source(spec: Mapping[str, Any]) -> list[Sample]:
+    """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path};
+    optional `limit` (a seeded random subset)."""
+    kind = spec.get("type")
+    if kind == "bfcl":
+        samples = load_bfcl(spec["category"])
+    elif kind == "nestful":
+        samples = load_nestful(spec["subset"], distractors=int(spec.get("distractors", 3)))
+    elif kind == "chat_jsonl":
+        samples = load_chat_jsonl(spec["path"], source=spec.get("name"))
+    else:
+        raise ValueError(f"unknown data source type {kind!r} (bfcl, nestful, chat_jsonl)")
+    if spec.get("limit") is not None:
+        samples = seeded_shuffle(samples, f"limit:{kind}:{spec.get('category') or spec.get('subset') or ''}")
+        samples = samples[: int(spec["limit"])]
+    return samples
+
+
+def seeded_shuffle(samples: Sequence[Sample], salt: str) -> list[Sample]:
+    """A shuffle that depends only on the sample ids and `salt` (stable across runs and machines)."""
+    return sorted(samples, key=lambda s: hashlib.sha256(f"{salt}:{s.id}".encode()).hexdigest())
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Sample]
+    heldout: list[Sample]
+
+
+def split(samples: Sequence[Sample], heldout: int, max_train: int | None, seed: int = 0) -> Split:
+    """Held-out slice first, from a fixed shuffle, so that changing `max_train` never moves a sample across."""
+    ordered = seeded_shuffle(samples, f"split:{seed}")
+    rest = ordered[heldout:]
+    return Split(train=rest if max_train is None else rest[:max_train], heldout=ordered[:heldout])

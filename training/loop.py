@@ -1,0 +1,510 @@
+"""The ToolACE-R training loop: select → build refine data → train → evaluate, repeated from the new model.
+
+Iteration t selects with the model trained in iteration t-1 (the base model for t=1). By default the LoRA of
+iteration t starts from iteration t-1's adapter (`loop.restart_lora: false`): "repeat with the new model" read
+literally, and cheaper than retraining from scratch on CPU. The loop stops when the selected count stops growing or
+at `loop.max_iterations`; the adapter of the last trained iteration is published.
+
+Every step records its result in `<run_dir>/state.json` when it finishes, and the long steps (sampling, training)
+keep partial progress on disk, so a crashed run restarts from where it stopped: run the same command again.
+Under `accelerate launch` / `torchrun` the main process samples and evaluates; every process trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig
+from training.data import Sample, load_source, split
+from training.refine_data import Example, build_refine_examples, direct_examples
+
+log = logging.getLogger("training")
+
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+PLOT_FILE = "progress.png"
+MANIFEST_FORMAT = "toolace-r-adapter/1"
+# Fields that may change between a crash and its resume without invalidating what was done.
+_RESUMABLE_CHANGES = {
+    "output_dir",
+    "run_dir",
+    "loop.max_iterations",
+    "model.max_batch_size",
+    "selection.concurrency",
+    "eval.concurrency",
+    "sft.checkpoint_every_steps",
+}
+
+
+class ConfigMismatch(Exception):
+    """The run directory holds a run with another config: resuming it would mix two experiments."""
+
+
+@dataclass
+class RunData:
+    train: list[Sample]
+    heldout: list[Sample]
+    dropped_too_long: int
+    per_source: dict[str, int] = field(default_factory=dict)
+
+
+def load_data(config: TrainConfig, tokenizer: Any) -> RunData:
+    """Every source, minus prompts longer than `data.max_prompt_tokens`, split into training pool and held-out."""
+    samples: list[Sample] = []
+    for source in config.data.sources:
+        samples += load_source(source)
+    kept = [s for s in samples if _prompt_tokens(tokenizer, s) <= config.data.max_prompt_tokens]
+    parts = split(kept, config.data.heldout, config.data.max_train_samples, config.data.seed)
+    per_source: dict[str, int] = {}
+    for s in parts.train:
+        per_source[s.source] = per_source.get(s.source, 0) + 1
+    return RunData(parts.train, parts.heldout, len(samples) - len(kept), per_source)
+
+
+def _prompt_tokens(tokenizer: Any, sample: Sample) -> int:
+    text = tokenizer.apply_chat_template(sample.prompt_messages(), add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+class Run:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        progress: bool = True,
+        fresh: bool = False,
+        engine_factory: Callable[[Path], Any] | None = None,
+        trainer: Callable[..., Any] | None = None,
+    ) -> None:
+        """`engine_factory(base_dir)` and `trainer` (`sft.train_lora`'s signature) replace the real ones in tests."""
+        from accelerate import PartialState
+
+        config.validate()
+        self.config = config
+        self._engine_factory = engine_factory
+        self._trainer = trainer
+        self.progress = progress
+        self.dist = PartialState()
+        self.dir = config.resolved_run_dir()
+        if fresh and self.dist.is_main_process:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dist.wait_for_everyone()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = self._load_state()
+        self._engine: Any = None
+        self._loaded: set[str] = set()
+
+    # ---- state ----
+
+    def _load_state(self) -> dict[str, Any]:
+        path = self.dir / STATE_FILE
+        current = self.config.to_dict()
+        if not path.exists():
+            return {"config": current, "iterations": [], "created": _now()}
+        state = json.loads(path.read_text())
+        differing = [k for k in _diff(state["config"], current) if k not in _RESUMABLE_CHANGES]
+        if differing:
+            raise ConfigMismatch(
+                f"{self.dir} holds a run with another config (differs in: {', '.join(differing)}); "
+                "pass --fresh to start over, or another --name / --run-dir"
+            )
+        state["config"] = current
+        return state
+
+    def _save_state(self) -> None:
+        if not self.dist.is_main_process:
+            return
+        tmp = self.dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, ensure_ascii=False) + "\n")
+        tmp.replace(self.dir / STATE_FILE)
+
+    def _sync_state(self) -> None:
+        """After the main process finished a step, every process reads what it recorded."""
+        self.dist.wait_for_everyone()
+        if not self.dist.is_main_process:
+            self.state = json.loads((self.dir / STATE_FILE).read_text())
+
+    def _iteration(self, t: int) -> dict[str, Any]:
+        while len(self.state["iterations"]) < t:
+            self.state["iterations"].append({"iteration": len(self.state["iterations"]) + 1})
+        return self.state["iterations"][t - 1]
+
+    # ---- engine ----
+
+    def _engine_for(self, adapter: Path | None) -> tuple[Any, str | None]:
+        """The sampling engine (created once) with `adapter` loaded; returns it and the adapter's name."""
+        from server.engine.transformers import TransformersEngine
+
+        if self._engine is None and self._engine_factory is not None:
+            self._engine = self._engine_factory(self.base_dir)
+        elif self._engine is None:
+            self._engine = TransformersEngine(
+                self.base_dir,
+                max_batch_size=self.config.model.max_batch_size,
+                dtype=self.config.model.generate_dtype,
+                prefix_cache_tokens=0,
+            )
+        if adapter is None:
+            return self._engine, None
+        name = adapter.parent.name  # iter_<t>
+        if name not in self._loaded:
+            asyncio.run(self._engine.load_adapter(name, adapter))
+            self._loaded.add(name)
+        return self._engine, name
+
+    def _close_engine(self) -> None:
+        if self._engine is not None:
+            asyncio.run(self._engine.close())
+            self._engine = None
+            self._loaded.clear()
+
+    # ---- the loop ----
+
+    def run(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from server import model_store
+
+        cfg = self.config
+        self.base_dir = model_store.resolve(cfg.model.base, progress=self.progress)
+        data = load_data(cfg, AutoTokenizer.from_pretrained(self.base_dir))
+        self.state["data"] = {
+            "train_pool": len(data.train),
+            "heldout": len(data.heldout),
+            "dropped_too_long": data.dropped_too_long,
+            "train_per_source": data.per_source,
+            "heldout_ids_sha256": hashlib.sha256("\n".join(s.id for s in data.heldout).encode()).hexdigest(),
+        }
+        log.info(
+            "data: %d to select from, %d held out, %d dropped (prompt too long)",
+            len(data.train),
+            len(data.heldout),
+            data.dropped_too_long,
+        )
+        self._save_state()
+        try:
+            if "baseline" not in self.state:
+                self.state["baseline"] = self._main_only(lambda: self._evaluate(data.heldout, None, "baseline"))
+                self._save_state()
+                self._sync_state()
+            log.info("baseline (base model) on the held-out slice: %s", self.state["baseline"])
+            self._iterate(data)
+        finally:
+            self._close_engine()
+        return self.finish()
+
+    def _iterate(self, data: RunData) -> None:
+        cfg = self.config
+        previous: dict[str, Any] | None = None
+        for t in range(1, cfg.loop.max_iterations + 1):
+            it = self._iteration(t)
+            if it.get("done"):
+                previous = it
+                continue
+            if it.get("stopped"):
+                return
+            with _iteration_log(self.dir / f"iter_{t}" / "log.txt"):
+                self._one_iteration(t, it, previous, data)
+            if it.get("stopped"):
+                return
+            previous = it
+        self.state["stop_reason"] = self.state.get("stop_reason") or "max_iterations"
+        self._save_state()
+
+    def _one_iteration(self, t: int, it: dict[str, Any], previous: dict[str, Any] | None, data: RunData) -> None:
+        cfg = self.config
+        work = self.dir / f"iter_{t}"
+        adapter = Path(previous["adapter"]) if previous else None
+        log.info("iteration %d: selecting with %s", t, adapter or "the base model")
+
+        if "selected" not in it:
+            it.update(self._main_only(lambda: self._select(t, data.train, adapter, work)))
+            self._save_state()
+            self._sync_state()
+            it = self._iteration(t)
+        log.info("iteration %d: %d of %d selected (pass@%d)", t, it["selected"], len(data.train), cfg.selection.k)
+        if cfg.loop.stop_when_not_growing and previous and it["selected"] <= previous["selected"]:
+            it["stopped"] = True
+            self.state["stop_reason"] = f"selected count stopped growing ({previous['selected']} → {it['selected']})"
+            log.info("iteration %d: %s; stopping", t, self.state["stop_reason"])
+            self._save_state()
+            return
+
+        if "refine" not in it:
+            it["refine"] = self._main_only(lambda: self._refine(t, data.train, adapter, work))
+            self._save_state()
+            self._sync_state()
+            it = self._iteration(t)
+        log.info("iteration %d: refine examples %s", t, it["refine"])
+
+        if "train" not in it:
+            examples = [Example.from_json(json.loads(line)) for line in (work / "examples.jsonl").open()]
+            init = None if cfg.loop.restart_lora or adapter is None else adapter
+            started = time.monotonic()
+            done_file = work / "train_result.json"  # written after the adapter: a crash right after keeps it
+            if done_file.exists():
+                it["train"] = json.loads(done_file.read_text())
+            else:
+                it["train"] = _train(self, examples, work, init, t).to_json()
+                if self.dist.is_main_process:
+                    done_file.write_text(json.dumps(it["train"]) + "\n")
+            it["adapter"] = str(work / "adapter")
+            log.info(
+                "iteration %d: trained %d steps on %d examples in %.0f s, loss %s → %s",
+                t,
+                it["train"]["steps"],
+                it["train"]["examples"],
+                time.monotonic() - started,
+                it["train"]["first_loss"],
+                it["train"]["final_loss"],
+            )
+            self._save_state()
+            self._sync_state()
+            it = self._iteration(t)
+
+        if "heldout" not in it:
+            it["heldout"] = self._main_only(lambda: self._evaluate(data.heldout, Path(it["adapter"]), f"iter_{t}"))
+            self._save_state()
+            self._sync_state()
+            it = self._iteration(t)
+        log.info("iteration %d: held-out %s (baseline %s)", t, it["heldout"], self.state["baseline"])
+        it["done"] = True
+        self._save_state()
+        if self.dist.is_main_process:
+            self._plot()
+
+    def _main_only(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return fn() if self.dist.is_main_process else {}
+
+    # ---- steps ----
+
+    def _select(self, t: int, pool: list[Sample], adapter: Path | None, work: Path) -> dict[str, Any]:
+        from training.select import select
+
+        engine, name = self._engine_for(adapter)
+        records = asyncio.run(
+            select(
+                engine,
+                pool,
+                self.config.selection,
+                work / "select.jsonl",
+                adapter=name,
+                iteration=t,
+                progress=self.progress,
+            )
+        )
+        selected = [r for r in records.values() if r["selected"]]
+        return {
+            "selected": len(selected),
+            "pool": len(pool),
+            "pass_at_1": round(sum(r["matched"][0] for r in records.values()) / max(1, len(records)), 4),
+        }
+
+    def _refine(self, t: int, pool: list[Sample], adapter: Path | None, work: Path) -> dict[str, Any]:
+        from training.resumable import read_records
+
+        selection = read_records(work / "select.jsonl")
+        chosen = [s for s in pool if selection[s.id]["selected"]]
+        examples = direct_examples(chosen)
+        summary = {"direct": len(examples), "refine_stop": 0, "refine_fix": 0, "refine_fix_rejected": 0}
+        if self.config.refine.enabled:
+            engine, name = self._engine_for(adapter)
+            refine = asyncio.run(
+                build_refine_examples(
+                    engine,
+                    chosen,
+                    selection,
+                    self.config.refine,
+                    self.config.selection,
+                    work / "refine.jsonl",
+                    adapter=name,
+                    iteration=t,
+                    progress=self.progress,
+                )
+            )
+            examples += refine
+            for example in refine:
+                summary[example.kind] += 1
+            fixes = sum(1 for s in chosen if not _exact_first(selection[s.id], s))
+            summary["refine_fix_rejected"] = fixes - summary["refine_fix"]
+        tmp = work / "examples.jsonl.tmp"
+        with tmp.open("w") as sink:
+            for example in examples:
+                sink.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
+        tmp.replace(work / "examples.jsonl")
+        return summary
+
+    def _evaluate(self, heldout: list[Sample], adapter: Path | None, label: str) -> dict[str, Any]:
+        from training.heldout import evaluate
+
+        engine, name = self._engine_for(adapter)
+        path = self.dir / label / "heldout.jsonl" if label == "baseline" else adapter.parent / "heldout.jsonl"  # type: ignore[union-attr]
+        return asyncio.run(
+            evaluate(
+                engine, heldout, self.config.eval, path, adapter=name, desc=f"eval {label}", progress=self.progress
+            )
+        )
+
+    # ---- output ----
+
+    def _plot(self) -> None:
+        from training.plot import plot_progress
+
+        try:
+            plot_progress(self.state, self.dir / PLOT_FILE)
+        except Exception:  # a missing matplotlib must not fail a training run
+            log.warning("could not draw %s", PLOT_FILE, exc_info=True)
+
+    def finish(self) -> dict[str, Any]:
+        """Publish the last trained iteration's adapter to `<output_dir>/<name>/` with its manifest."""
+        done = [it for it in self.state["iterations"] if it.get("done")]
+        if not done:
+            raise RuntimeError("no iteration finished training: nothing to publish")
+        manifest = self.manifest(done[-1])
+        if self.dist.is_main_process:
+            out = self.config.adapter_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            source = Path(done[-1]["adapter"])
+            shutil.copyfile(source / "adapter_config.json", out / "adapter_config.json")
+            _publish_weights(
+                source / "adapter_model.safetensors", out / "adapter_model.safetensors", self.config.output_dtype
+            )
+            manifest["adapter"]["sha256"] = _sha256(out / "adapter_model.safetensors")
+            (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            self._plot()
+            if (self.dir / PLOT_FILE).exists():
+                shutil.copyfile(self.dir / PLOT_FILE, out / PLOT_FILE)
+            self.state["published"] = {"path": str(out), "iteration": done[-1]["iteration"], "at": _now()}
+            self._save_state()
+            log.info("adapter written to %s (iteration %d)", out, done[-1]["iteration"])
+        return manifest
+
+    def manifest(self, final: dict[str, Any]) -> dict[str, Any]:
+        import peft
+        import torch
+        import transformers
+
+        from server import model_store
+
+        cfg = self.config
+        base_name = model_store.DEFAULT_MODEL if cfg.model.base == "default" else cfg.model.base
+        source_file = self.base_dir / model_store.SOURCE_FILE
+        source = json.loads(source_file.read_text()) if source_file.exists() else None
+        return {
+            "format": MANIFEST_FORMAT,
+            "name": cfg.name,
+            "created": _now(),
+            "base_model": {
+                "name": base_name,
+                "sha256": source.get("sha256") if source else _sha256(self.base_dir / "model.safetensors"),
+                "sha256_of": source.get("gguf") if source else "model.safetensors",
+                "source": source,
+            },
+            "adapter": {
+                "file": "adapter_model.safetensors",
+                "iteration": final["iteration"],
+                "lora": {"r": cfg.sft.lora_r, "alpha": cfg.sft.lora_alpha, "target_modules": cfg.sft.target_modules},
+            },
+            "prompt_format": "pythonic",
+            "method": "ToolACE-R model-aware iterative training: pass@k selection, self-refine data, LoRA SFT",
+            "config": cfg.to_dict(),
+            "data": self.state.get("data"),
+            "baseline": self.state.get("baseline"),
+            "iterations": [
+                {key: it.get(key) for key in ("iteration", "selected", "pool", "pass_at_1", "refine", "heldout")}
+                | {"train": {k: v for k, v in (it.get("train") or {}).items() if k != "losses"}}
+                for it in self.state["iterations"]
+                if "selected" in it
+            ],
+            "stop_reason": self.state.get("stop_reason"),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+        }
+
+
+def _train(run: Run, examples: list[Example], work: Path, init: Path | None, t: int) -> Any:
+    from server import model_store
+    from training.sft import train_lora
+
+    base_name = model_store.DEFAULT_MODEL if run.config.model.base == "default" else run.config.model.base
+    return (run._trainer or train_lora)(
+        run.base_dir,
+        examples,
+        run.config.sft,
+        work / "adapter",
+        work / "train",
+        init_adapter=init,
+        base_model_name=base_name,
+        seed_salt=t,
+        progress=run.progress,
+    )
+
+
+def _publish_weights(source: Path, target: Path, dtype: str) -> None:
+    """Copy the adapter weights, cast to `dtype` (bf16 halves the file; the engine runs bf16 anyway)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(source)
+    if dtype != "float32":
+        cast = getattr(torch, dtype)
+        tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, target, metadata={"format": "pt"})
+
+
+def _exact_first(record: dict[str, Any], sample: Sample) -> bool:
+    from training.matching import answer_matches
+
+    return answer_matches(record["answers"][0].strip(), sample.ground_truth, 0)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@contextmanager
+def _iteration_log(path: Path) -> Iterator[None]:
+    """Mirror the `training` log into one file per iteration."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def train(config: TrainConfig, *, progress: bool = True, fresh: bool = False, **hooks: Any) -> dict[str, Any]:
+    """Run (or resume) a training run and publish its adapter; returns the manifest."""
+    return Run(config, progress=progress, fresh=fresh, **hooks).run()

@@ -1,0 +1,265 @@
+"""LoRA supervised fine-tuning: tokenization with label masking, and a small resumable trainer.
+
+A plain torch loop driven by `accelerate`: the same code runs on one CPU (fp32 weights, bf16 autocast) or on several
+GPUs under `accelerate launch` / `torchrun` (DDP; each process takes its share of every global batch).
+
+The loss covers the final assistant turn only: every earlier token (system prompt, question, the model's own first
+answer in a refine example, the refine prompt) has the label -100.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from training.config import SFTConfig
+from training.refine_data import Example
+
+IGNORE_INDEX = -100
+CHECKPOINT = "checkpoint"  # the rolling resumable checkpoint inside the work directory
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX everywhere but the final assistant turn
+
+    @property
+    def completion_length(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def encode_example(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], target: str, max_seq_len: int | None = None
+) -> Encoded | None:
+    """Tokenize a conversation plus its target answer; None when it exceeds `max_seq_len` (never truncated).
+
+    The prompt is tokenized exactly as the engine does at inference (chat template with the generation prompt, no
+    extra special tokens), and the answer separately after it, so that training sees the token boundary that
+    generation sees. The answer includes the template's end-of-turn token: the model learns to stop."""
+    messages = [dict(m) for m in messages]
+    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": target}], tokenize=False)
+    if full_text.startswith(prompt_text):
+        completion_text = full_text[len(prompt_text) :].rstrip()  # the newline after end-of-turn is never generated
+    else:  # a template that rewrites earlier turns: fall back to the answer plus the eos token
+        completion_text = target + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    completion_ids = tokenizer(completion_text, add_special_tokens=False).input_ids
+    if max_seq_len and len(prompt_ids) + len(completion_ids) > max_seq_len:
+        return None
+    return Encoded(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids)
+
+
+def plan_batches(lengths: Sequence[int], global_batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffled global batches of example indices (the last one may be smaller)."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + global_batch_size] for i in range(0, len(order), global_batch_size)]
+
+
+def micro_batches(batch: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """A global batch cut into micro-batches of similar lengths (less padding; the gradient sum is the same)."""
+    ordered = sorted(batch, key=lambda i: lengths[i])
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def collate(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left padding: every answer ends at the last position, so the logits needed are the last few only."""
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[i, width - n :] = torch.tensor(row.input_ids)
+        labels[i, width - n :] = torch.tensor(row.labels)
+        attention[i, width - n :] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
+
+
+def completion_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Summed cross-entropy over the label tokens, computing logits for the last `keep` positions only
+    (the vocabulary projection over the whole prompt would cost more than it is worth)."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits
+    labels = batch["labels"][:, -(keep - 1) :]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+@dataclass
+class TrainResult:
+    examples: int
+    dropped: int  # longer than max_seq_len
+    steps: int
+    tokens: int  # trained-on (label) tokens per epoch
+    losses: list[float] = field(default_factory=list)  # mean token loss per optimizer step
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "dropped": self.dropped,
+            "steps": self.steps,
+            "label_tokens": self.tokens,
+            "first_loss": self.losses[0] if self.losses else None,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "losses": self.losses,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def train_lora(
+    base_dir: Path,
+    examples: Sequence[Example],
+    config: SFTConfig,
+    output_dir: Path,
+    work_dir: Path,
+    *,
+    init_adapter: Path | None = None,
+    base_model_name: str | None = None,
+    seed_salt: int = 0,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter (or keep training `init_adapter`) on `examples`; write it to `output_dir` (safetensors).
+
+    Resumes from `work_dir/checkpoint` when a previous attempt was interrupted."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
+
+    started = time.monotonic()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(config.seed + seed_salt)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    encoded = [encode_example(tokenizer, e.messages, e.target, config.max_seq_len) for e in examples]
+    rows = [e for e in encoded if e is not None]
+    if not rows:
+        raise ValueError("no training example fits sft.max_seq_len")
+    lengths = [len(r.input_ids) for r in rows]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    if base_model_name:  # adapter_config.json names the model, not this machine's cache path
+        model.peft_config["default"].base_model_name_or_path = base_model_name
+
+    seed = config.seed + seed_salt
+    schedule = [b for e in range(config.epochs) for b in plan_batches(lengths, config.global_batch_size, seed + e)]
+    total = len(schedule)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    result = TrainResult(len(rows), len(encoded) - len(rows), total, sum(r.completion_length for r in rows))
+
+    checkpoint = work_dir / CHECKPOINT
+    start = 0
+    if (checkpoint / "trainer_state.pt").exists():
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, result.losses = int(state["step"]), list(state["losses"])
+        torch.set_rng_state(state["rng"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process))
+    for step in range(start, total):
+        batch = schedule[step]
+        label_tokens = sum(rows[i].completion_length for i in batch)
+        mine = micro_batches(batch, lengths, config.micro_batch_size)[rank::world]
+        step_loss = torch.zeros(())
+        for j, micro in enumerate(mine):
+            tensors = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in micro], pad_id).items()}
+            keep = max(rows[i].completion_length for i in micro) + 1
+            sync = nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss_sum = completion_loss_sum(model, tensors, keep)
+                # Mean over the global batch's label tokens; DDP averages over processes, hence * world.
+                accelerator.backward(loss_sum / label_tokens * world)
+            step_loss += loss_sum.detach().float().cpu()
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(accelerator.reduce(step_loss.to(accelerator.device), "sum")) / label_tokens
+        result.losses.append(round(loss, 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if on_step:
+            on_step(step + 1, loss)
+        if (step + 1) % config.checkpoint_every_steps == 0 and step + 1 < total and accelerator.is_main_process:
+            _save_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler, step + 1, result.losses, checkpoint)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(output_dir, safe_serialization=True, save_embedding_layers=False)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[float], path: Path) -> None:
+    """Write the checkpoint beside the old one, then swap: a crash mid-write leaves the old one intact."""
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True, save_embedding_layers=False)
+    state = {
+        "step": step,
+        "losses": losses,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    torch.save(state, partial / "trainer_state.pt")
+    (partial / "progress.json").write_text(json.dumps({"step": step}) + "\n")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    partial.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
