@@ -1,0 +1,263 @@
+"""results.jsonl -> summary.md (the paper's layout) and the rounds plots.
+
+Table: one row per (model, refine mode[, max rounds]); BFCL categories as columns (accuracy in %), then Overall (the
+unweighted mean of the category accuracies, as BFCL averages its categories) and the average number of refine
+rounds. Plots: accuracy against the number of refine rounds (the paper's Figure 3) and the distribution of rounds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from training.evaluation import bfcl
+from training.evaluation.runner import MODES, RESULTS_FILE, read_rows
+
+SUMMARY_FILE = "summary.md"
+ROUNDS_PLOT = "accuracy_vs_rounds.png"
+DISTRIBUTION_PLOT = "rounds_distribution.png"
+
+_HEADERS = {
+    "simple_python": "Simple",
+    "multiple": "Multiple",
+    "parallel": "Parallel",
+    "parallel_multiple": "Parallel Multiple",
+    "irrelevance": "Irrelevance",
+}
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    return (row.get("label") or row["model"], row["mode"], row.get("max_refine_iterations"))
+
+
+def _mode_name(mode: str, iterations: int | None) -> str:
+    return mode if iterations is None else f"{mode} (≤{iterations})" if mode == "adaptive" else f"{mode} ({iterations})"
+
+
+def _categories(rows: list[dict[str, Any]]) -> list[str]:
+    present = {r["category"] for r in rows}
+    return [c for c in bfcl.SUPPORTED if c in present]
+
+
+def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from training.evaluation.runner import row_key
+
+    return list({row_key(r): r for r in rows}.values())
+
+
+def load(out: Path) -> list[dict[str, Any]]:
+    return _dedupe(list(read_rows(Path(out) / RESULTS_FILE)))
+
+
+def table(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """{(label, mode, iterations): {"acc": {category: %}, "n": {category: count}, "overall", "rounds"}}"""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[_group_key(row)].append(row)
+    categories = _categories(rows)
+    mode_order = {m: i for i, m in enumerate(MODES)}
+    result = {}
+    for key in sorted(groups, key=lambda k: (k[0], mode_order.get(k[1], 99), k[2] or 0)):
+        members = groups[key]
+        acc, n = {}, {}
+        for category in categories:
+            scores = [bool(r["valid"]) for r in members if r["category"] == category]
+            n[category] = len(scores)
+            if scores:
+                acc[category] = 100.0 * sum(scores) / len(scores)
+        rounds = [r["rounds"] for r in members if r.get("rounds") is not None]
+        result[key] = {
+            "acc": acc,
+            "n": n,
+            "overall": sum(acc.values()) / len(acc) if acc else None,
+            "rounds": sum(rounds) / len(rounds) if rounds else None,
+            "latency": sum(r.get("latency_s") or 0 for r in members) / len(members),
+            "tokens": sum((r.get("usage") or {}).get("total_tokens") or 0 for r in members) / len(members),
+        }
+    return result
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    categories = _categories(rows)
+    stats = table(rows)
+    full = {c: len(bfcl.load_category(c)) for c in categories}
+    head = ["Model", "Refine", *(_HEADERS.get(c, c) for c in categories), "Overall", "Avg rounds"]
+    lines = [
+        "# BFCL through /v1/chat/completions",
+        "",
+        "Accuracy (%) by BFCL's AST checker; Overall is the unweighted mean of the categories shown; Avg rounds is the "
+        "mean number of refine rounds after the first answer (`refinement.iterations`). Rows with fewer questions than "
+        "a full category are marked partial in the second table.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for (label, mode, iterations), s in stats.items():
+        cells = [f"{s['acc'][c]:.2f}" if c in s["acc"] else "–" for c in categories]
+        overall = f"{s['overall']:.2f}" if s["overall"] is not None else "–"
+        rounds = f"{s['rounds']:.2f}" if s["rounds"] is not None else "–"
+        lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *cells, overall, rounds]) + " |")
+    lines += [
+        "",
+        "Questions answered (of the category's size), mean latency per question and mean tokens (all rounds):",
+        "",
+        "| Model | Refine | " + " | ".join(_HEADERS.get(c, c) for c in categories) + " | s / question | tokens |",
+        "|" + "---|" * (len(categories) + 4),
+    ]
+    for (label, mode, iterations), s in stats.items():
+        cells = [f"{s['n'][c]}/{full[c]}" for c in categories]
+        lines.append(
+            "| "
+            + " | ".join([label, _mode_name(mode, iterations), *cells, f"{s['latency']:.1f}", f"{s['tokens']:.0f}"])
+            + " |"
+        )
+    errors = _error_types(rows)
+    if errors:
+        lines += ["", "Most frequent error types:", "", "| Model | Refine | error type | count |", "|---|---|---|---|"]
+        for (label, mode, iterations), counts in errors.items():
+            for error_type, count in counts[:5]:
+                lines.append(f"| {label} | {_mode_name(mode, iterations)} | `{error_type}` | {count} |")
+    return "\n".join(lines) + "\n"
+
+
+def _error_types(rows: list[dict[str, Any]]) -> dict[tuple, list[tuple[str, int]]]:
+    counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in rows:
+        if not row["valid"]:
+            counts[_group_key(row)][row.get("error_type") or "unknown"] += 1
+    return {k: sorted(v.items(), key=lambda kv: -kv[1]) for k, v in counts.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- rounds
+
+
+def round_curves(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float]]]:
+    """Accuracy (%) at r = 0..n refine rounds, per (label, mode, n) and category (plus "overall"), from histories.
+
+    vanilla: round r's answer; self_consistency: the majority of rounds 1..r (r=0: the first answer); adaptive: the
+    answer adaptive refinement returns when capped at r rounds (it stops at its first repeat, so the cap-r answer is
+    round min(stop, r) of the same greedy trajectory).
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["mode"] != "none" and row.get("history_valid"):
+            groups[_group_key(row)].append(row)
+    curves = {}
+    for key, members in groups.items():
+        mode, n = key[1], key[2]
+        per_category: dict[str, list[list[bool]]] = defaultdict(list)
+        for row in members:
+            hv, mv = row["history_valid"], row.get("history_majority_valid") or row["history_valid"]
+            stop = len(hv) - 1
+            if mode == "adaptive":
+                points = [hv[min(stop, r)] for r in range(n + 1)]
+            elif mode == "self_consistency":
+                points = [mv[min(stop, r)] for r in range(n + 1)]
+            else:
+                points = [hv[min(stop, r)] for r in range(n + 1)]
+            per_category[row["category"]].append(points)
+        result = {}
+        for category, lists in per_category.items():
+            result[category] = [100.0 * sum(p[r] for p in lists) / len(lists) for r in range(n + 1)]
+        cats = [c for c in bfcl.SUPPORTED if c in result]
+        result["overall"] = [sum(result[c][r] for c in cats) / len(cats) for r in range(n + 1)]
+        curves[key] = result
+    return curves
+
+
+def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    curves = round_curves(rows)
+    baseline = {k[0]: v for k, v in table(rows).items() if k[1] == "none"}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["overall", *[c for c in bfcl.SUPPORTED if any(c in v for v in curves.values())]]
+    cols = 3
+    rows_n = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.3 * rows_n), squeeze=False)
+    styles = {"vanilla": "o-", "self_consistency": "s--", "adaptive": "^-."}
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for (label, mode, n), result in sorted(curves.items()):
+            if panel in result:
+                ax.plot(range(n + 1), result[panel], styles.get(mode, "x-"), label=f"{label}: {mode}", markersize=4)
+        for label, s in baseline.items():
+            value = s["overall"] if panel == "overall" else s["acc"].get(panel)
+            if value is not None:
+                ax.axhline(value, color="gray", linewidth=0.8, linestyle=":")
+        ax.set_title(_HEADERS.get(panel, panel) if panel != "overall" else "Overall (mean of categories)")
+        ax.set_xlabel("refine rounds (adaptive: the cap)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
+    fig.suptitle("BFCL accuracy against refine rounds (dotted: refine=none)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_distribution(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """How many refine rounds each question used: adaptive's stopping point (vanilla/SC always use n)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for row in rows:
+        if row["mode"] == "adaptive" and row.get("rounds") is not None:
+            groups[_group_key(row)].append(row["rounds"])
+    if not groups:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    keys = sorted(groups)
+    width = 0.8 / len(keys)
+    top = max(max(v) for v in groups.values())
+    for i, key in enumerate(keys):
+        values = groups[key]
+        counts = [100.0 * values.count(r) / len(values) for r in range(top + 1)]
+        ax.bar([r + (i - (len(keys) - 1) / 2) * width for r in range(top + 1)], counts, width, label=f"{key[0]} (n={len(values)})")
+    ax.set_xticks(range(top + 1))
+    ax.set_xlabel("refine rounds used by adaptive refinement (1 = the first refinement repeated the answer)")
+    ax.set_ylabel("% of questions")
+    ax.set_title("Adaptive refinement: where it stopped")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path) -> list[Path]:
+    out = Path(out)
+    rows = load(out)
+    if not rows:
+        return []
+    written = []
+    summary = out / SUMMARY_FILE
+    text = summary_markdown(rows)
+    curves = round_curves(rows)
+    if curves:
+        text += "\nAccuracy (%, overall) at r refine rounds, from the refinement histories:\n\n"
+        n_max = max(k[2] for k in curves)
+        text += "| Model | Refine | " + " | ".join(f"r={r}" for r in range(n_max + 1)) + " |\n"
+        text += "|" + "---|" * (n_max + 3) + "\n"
+        for (label, mode, n), result in sorted(curves.items()):
+            cells = [f"{v:.2f}" for v in result["overall"]] + ["–"] * (n_max - n)
+            text += f"| {label} | {mode} | " + " | ".join(cells) + " |\n"
+    summary.write_text(text, encoding="utf-8")
+    written.append(summary)
+    for plot, name in ((plot_rounds, ROUNDS_PLOT), (plot_distribution, DISTRIBUTION_PLOT)):
+        path = plot(rows, out / name)
+        if path:
+            written.append(path)
+    return written

@@ -1,0 +1,260 @@
+"""Send BFCL questions through `/v1/chat/completions` (the official `openai` client) and write one JSONL row each.
+
+Rows are keyed by (model, mode, max_refine_iterations, category, id): a rerun skips answered rows, so a long run can
+be stopped and resumed. Requests that fail (connection errors, 5xx, timeouts) are not written and are retried by
+the next run; a 4xx answer is written as an invalid row (the server refused the question).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.evaluation import bfcl
+
+MODES = ("none", "adaptive", "vanilla", "self_consistency")
+RESULTS_FILE = "results.jsonl"
+RUNS_FILE = "runs.jsonl"
+
+
+@dataclass
+class EvalConfig:
+    base_url: str
+    model: str
+    out: Path
+    api_key: str = "EMPTY"
+    label: str | None = None  # the model's name in the summary (default: model)
+    categories: tuple[str, ...] = bfcl.NON_LIVE
+    modes: tuple[str, ...] = ("none",)
+    max_refine_iterations: int = 5
+    limit: int | None = None
+    seed: int = bfcl.DEFAULT_SEED
+    concurrency: int = 4
+    temperature: float | None = 0.0
+    max_tokens: int | None = None
+    timeout: float = 900.0
+    underscore_names: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown refine mode {mode!r}; choose from {', '.join(MODES)}")
+        for category in self.categories:
+            if category not in bfcl.SUPPORTED:
+                raise ValueError(f"unsupported category {category!r}; choose from {', '.join(bfcl.SUPPORTED)}")
+
+
+@dataclass
+class RunStats:
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    valid: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    return (row["model"], row["mode"], row.get("max_refine_iterations"), row["category"], row["id"])
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a results file; a torn last line (a killed run) is skipped."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def _history_scores(question: bfcl.Question, answers: list[str], sent_names: set[str], name_map: dict[str, str]):
+    """Score every round's answer alone, and the majority of rounds 1..r (self-consistency at r rounds)."""
+    per_round, majority = [], []
+    canon: list[str] = []
+    for r, text in enumerate(answers):
+        calls = [{name_map.get(n, n): a for n, a in c.items()} for c in bfcl.calls_from_text(text, sent_names)]
+        valid = bfcl.score(question, calls).valid
+        per_round.append(valid)
+        canon.append(bfcl.canonical_text(text))
+        if r == 0:
+            majority.append(valid)
+            continue
+        window = canon[1 : r + 1]
+        counts = Counter(window)
+        best = max(counts.values())
+        pick = next(i for i in range(r, 0, -1) if counts[canon[i]] == best)  # latest wins ties, as the server
+        majority.append(per_round[pick])
+    return per_round, majority
+
+
+class Evaluator:
+    def __init__(self, config: EvalConfig, client: Any | None = None) -> None:
+        self.config = config
+        if client is None:
+            from openai import OpenAI
+
+            client = OpenAI(base_url=config.base_url, api_key=config.api_key, timeout=config.timeout, max_retries=2)
+        self.client = client
+        self.lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return self.config.label or self.config.model
+
+    def work(self) -> list[tuple[str, bfcl.Question]]:
+        c = self.config
+        return [(mode, q) for mode in c.modes for category in c.categories for q in bfcl.select(category, c.limit, c.seed)]
+
+    def key(self, mode: str, question: bfcl.Question) -> tuple:
+        iterations = None if mode == "none" else self.config.max_refine_iterations
+        return (self.config.model, mode, iterations, question.category, question.id)
+
+    def ask(self, mode: str, question: bfcl.Question) -> dict[str, Any] | None:
+        """One question, one request; the row to write, or None when the request failed (retried next run)."""
+        import openai
+
+        c = self.config
+        tools = question.tools(c.underscore_names)
+        name_map = question.name_map(c.underscore_names)
+        kwargs: dict[str, Any] = {"model": c.model, "messages": question.messages, "tools": tools}
+        if c.temperature is not None:
+            kwargs["temperature"] = c.temperature
+        if c.max_tokens is not None:
+            kwargs["max_tokens"] = c.max_tokens
+        if mode != "none":  # servers without the extension get a plain request for `none`
+            kwargs["extra_body"] = {
+                "refine": mode,
+                "max_refine_iterations": c.max_refine_iterations,
+                "return_refinement_history": True,
+            }
+        row: dict[str, Any] = {
+            "model": c.model,
+            "label": self.label,
+            "mode": mode,
+            "max_refine_iterations": None if mode == "none" else c.max_refine_iterations,
+            "category": question.category,
+            "id": question.id,
+        }
+        started = time.monotonic()
+        try:
+            response = self.client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500 or exc.status_code in (401, 403, 404, 408, 409, 429):
+                raise  # the server or the setup is wrong, not the question: retry next run
+            body = exc.body if isinstance(exc.body, dict) else {}
+            code = (body.get("error") or body).get("code") if isinstance(body, dict) else None
+            row.update(
+                request_id=None,
+                latency_s=round(time.monotonic() - started, 3),
+                raw=None,
+                calls=None,
+                valid=False,
+                error_type=f"http_{exc.status_code}:{code or 'error'}",
+                error=str(exc)[:500],
+                rounds=None,
+                stop_reason=None,
+                usage=None,
+            )
+            return row
+        latency = time.monotonic() - started
+        message = response.choices[0].message
+        tool_calls = [tc.model_dump() for tc in (message.tool_calls or [])]
+        calls, decode_error = bfcl.calls_from_tool_calls(tool_calls, name_map)
+        result = bfcl.score(question, calls, decode_error)
+        extra = response.model_extra or {}
+        refinement = extra.get("refinement") or {}
+        answers = refinement.get("answers")
+        usage = response.usage.model_dump() if response.usage else None
+        row.update(
+            request_id=response.id,
+            latency_s=round(latency, 3),
+            raw={
+                "content": message.content,
+                "tool_calls": [
+                    {"name": tc["function"]["name"], "arguments": tc["function"]["arguments"]} for tc in tool_calls
+                ],
+                "finish_reason": response.choices[0].finish_reason,
+            },
+            calls=calls,
+            valid=result.valid,
+            error_type=result.error_type,
+            error=result.error,
+            rounds=refinement.get("iterations", 0 if mode == "none" else None),
+            stop_reason=refinement.get("stop_reason"),
+            usage={k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")} if usage else None,
+        )
+        if answers:
+            sent = {t["function"]["name"] for t in tools}
+            per_round, majority = _history_scores(question, answers, sent, name_map)
+            row.update(history=answers, history_valid=per_round, history_majority_valid=majority)
+        return row
+
+    def run(self) -> RunStats:
+        c = self.config
+        c.out.mkdir(parents=True, exist_ok=True)
+        results = c.out / RESULTS_FILE
+        done = {row_key(r): r for r in read_rows(results)}
+        work = self.work()
+        pending = [(m, q) for m, q in work if self.key(m, q) not in done]
+        stats = RunStats(skipped=len(work) - len(pending))
+        answered: dict[str, list[bool]] = {mode: [] for mode in c.modes}
+        for m, q in work:
+            if self.key(m, q) in done:
+                answered[m].append(bool(done[self.key(m, q)]["valid"]))
+        with (c.out / RUNS_FILE).open("a", encoding="utf-8") as f:
+            record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items() if k != "api_key"}
+            f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "pending": len(pending)}) + "\n")
+        bar = _progress(len(pending), enabled=c.progress)
+        with results.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, c.concurrency)) as pool:
+            futures = {pool.submit(self.ask, m, q): (m, q) for m, q in pending}
+            for future in as_completed(futures):
+                mode, question = futures[future]
+                try:
+                    row = future.result()
+                except Exception as exc:  # noqa: BLE001 - logged, counted, retried by the next run
+                    stats.failed += 1
+                    stats.failures.append(f"{mode} {question.id}: {type(exc).__name__}: {exc}"[:300])
+                    bar.update(1)
+                    continue
+                with self.lock:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    out.flush()
+                stats.sent += 1
+                stats.valid += bool(row["valid"])
+                answered[mode].append(bool(row["valid"]))
+                bar.set_postfix_str(_running_accuracy(answered), refresh=False)
+                bar.update(1)
+        bar.close()
+        return stats
+
+
+def _running_accuracy(answered: dict[str, list[bool]]) -> str:
+    return " ".join(f"{m}={100 * sum(v) / len(v):.1f}%" for m, v in answered.items() if v)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="bfcl", unit="q", dynamic_ncols=True)
