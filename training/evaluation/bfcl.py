@@ -72,7 +72,9 @@ def load_category(category: str) -> tuple[Question, ...]:
     rows = _read_jsonl(_data_file(f"BFCL_v4_{category}.json"))
     answers: dict[str, Any] = {}
     if not (is_irrelevance(category) or is_relevance(category)):
-        answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(_data_file("possible_answer", f"BFCL_v4_{category}.json"))}
+        answers = {
+            a["id"]: a["ground_truth"] for a in _read_jsonl(_data_file("possible_answer", f"BFCL_v4_{category}.json"))
+        }
     questions = []
     for row in rows:
         if len(row["question"]) != 1:

@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "Reruns skip answered questions.",
     )
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("TOOLACE_R_API_KEY") or "EMPTY")
+    p.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("TOOLACE_R_API_KEY") or "EMPTY"
+    )
     p.add_argument("--model", help="the `model` sent in each request (a base model or an adapter name)")
     p.add_argument("--label", default=None, help="the model's name in the summary table (default: --model)")
     p.add_argument("--categories", type=_csv(bfcl.SUPPORTED), default=bfcl.NON_LIVE, help="comma-separated")

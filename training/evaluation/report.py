@@ -175,6 +175,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = ["overall", *[c for c in bfcl.SUPPORTED if any(c in v for v in curves.values())]]
     cols = 3
@@ -185,12 +186,14 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
         for (label, mode, n), result in sorted(curves.items()):
             if panel in result:
                 ax.plot(range(n + 1), result[panel], styles.get(mode, "x-"), label=f"{label}: {mode}", markersize=4)
-        for label, s in baseline.items():
+        for s in baseline.values():
             value = s["overall"] if panel == "overall" else s["acc"].get(panel)
             if value is not None:
                 ax.axhline(value, color="gray", linewidth=0.8, linestyle=":")
         ax.set_title(_HEADERS.get(panel, panel) if panel != "overall" else "Overall (mean of categories)")
         ax.set_xlabel("refine rounds (adaptive: the cap)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-3, 103)
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
@@ -224,7 +227,12 @@ def plot_distribution(rows: list[dict[str, Any]], path: Path) -> Path | None:
     for i, key in enumerate(keys):
         values = groups[key]
         counts = [100.0 * values.count(r) / len(values) for r in range(top + 1)]
-        ax.bar([r + (i - (len(keys) - 1) / 2) * width for r in range(top + 1)], counts, width, label=f"{key[0]} (n={len(values)})")
+        ax.bar(
+            [r + (i - (len(keys) - 1) / 2) * width for r in range(top + 1)],
+            counts,
+            width,
+            label=f"{key[0]} (n={len(values)})",
+        )
     ax.set_xticks(range(top + 1))
     ax.set_xlabel("refine rounds used by adaptive refinement (1 = the first refinement repeated the answer)")
     ax.set_ylabel("% of questions")

@@ -117,7 +117,9 @@ class Evaluator:
 
     def work(self) -> list[tuple[str, bfcl.Question]]:
         c = self.config
-        return [(mode, q) for mode in c.modes for category in c.categories for q in bfcl.select(category, c.limit, c.seed)]
+        return [
+            (mode, q) for mode in c.modes for category in c.categories for q in bfcl.select(category, c.limit, c.seed)
+        ]
 
     def key(self, mode: str, question: bfcl.Question) -> tuple:
         iterations = None if mode == "none" else self.config.max_refine_iterations
@@ -217,7 +219,9 @@ class Evaluator:
                 answered[m].append(bool(done[self.key(m, q)]["valid"]))
         with (c.out / RUNS_FILE).open("a", encoding="utf-8") as f:
             record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items() if k != "api_key"}
-            f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "pending": len(pending)}) + "\n")
+            f.write(
+                json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "pending": len(pending)}) + "\n"
+            )
         bar = _progress(len(pending), enabled=c.progress)
         with results.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, c.concurrency)) as pool:
             futures = {pool.submit(self.ask, m, q): (m, q) for m, q in pending}
