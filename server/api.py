@@ -10,14 +10,16 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import APIError, Unauthorized, error_body
+from server.adapters import AdapterError
+from server.errors import APIError, NotFound, Unauthorized, error_body
 from server.metrics import CONTENT_TYPE, UNKNOWN_MODEL, Metrics, status_class
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, LoadLoraAdapter, UnloadLoraAdapter
 from server.refine import RefineMode
 from server.serving import ChatService
+from server.streaming import sse
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ def _param_path(loc: Sequence[Any]) -> str | None:
         elif not str(part).startswith(("function-after[", "function-before[", "literal[")):
             path += f".{part}" if path else str(part)
     return path or None
+
+
+def _bearer_matches(request: Request, key: str) -> bool:
+    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return secrets.compare_digest(supplied.encode(), key.encode())
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -99,7 +106,13 @@ class RequestMetrics:
             self.metrics.requests.labels(model, status_class(status)).inc()
 
 
-def create_app(service: ChatService, *, api_key: str | None = None, metrics_public: bool = False) -> FastAPI:
+def create_app(
+    service: ChatService,
+    *,
+    api_key: str | None = None,
+    admin_api_key: str | None = None,
+    metrics_public: bool = False,
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -110,11 +123,14 @@ def create_app(service: ChatService, *, api_key: str | None = None, metrics_publ
     app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(supplied.encode(), api_key.encode()):
+        if api_key is not None and not _bearer_matches(request, api_key):
             raise Unauthorized("Invalid API key.", code="invalid_api_key")
+
+    async def authorize_admin(request: Request) -> None:
+        if admin_api_key is None or service.adapters is None:
+            raise NotFound("Adapter management is off; start the server with --admin-api-key to turn it on.")
+        if not _bearer_matches(request, admin_api_key):
+            raise Unauthorized("Invalid admin API key.", code="invalid_api_key")
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -153,9 +169,31 @@ def create_app(service: ChatService, *, api_key: str | None = None, metrics_publ
         request: Request,
         body: ChatCompletionRequest,
         refine: RefineMode | None = Query(default=None, description="refinement mode, when the body has none"),
-    ) -> JSONResponse:
+    ) -> Response:
         request.state.model = service.model_label(body.model)
+        if body.stream:
+            plan = service.plan(body, refine)  # validation errors are still plain 4xx responses
+            return StreamingResponse(sse(service.stream(plan)), media_type="text/event-stream")
         response = await service.complete(body, refine)
         return JSONResponse(response.to_json())
+
+    # vLLM's request shapes, so tooling written for `vllm serve` manages adapters here too.
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize_admin)])
+    async def load_lora_adapter(body: LoadLoraAdapter) -> dict[str, Any]:
+        assert service.adapters is not None  # authorize_admin checked
+        try:
+            info = await service.adapters.add(body.lora_name, body.lora_path)
+        except AdapterError as exc:
+            raise exc.api_error() from exc
+        return {"object": "lora_adapter", "id": info.name, "rank": info.rank, "status": "loaded"}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorize_admin)])
+    async def unload_lora_adapter(body: UnloadLoraAdapter) -> dict[str, Any]:
+        assert service.adapters is not None
+        try:
+            await service.adapters.remove(body.lora_name)
+        except AdapterError as exc:
+            raise exc.api_error() from exc
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
 
     return app

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from server import model_store
 from server.engine import ENGINES
@@ -36,6 +37,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="require this bearer key on /v1/* and /metrics (env TOOLACE_R_API_KEY)",
     )
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    p.add_argument(
+        "--adapters-dir",
+        type=Path,
+        default=Path(os.environ.get("TOOLACE_R_ADAPTERS_DIR", "adapters")),
+        help="LoRA adapters served by name; every one made for the served model is registered at start",
+    )
+    p.add_argument(
+        "--admin-api-key",
+        default=os.environ.get("TOOLACE_R_ADMIN_API_KEY"),
+        help="key for /v1/load_lora_adapter and /v1/unload_lora_adapter; they are off without one",
+    )
+    p.add_argument("--max-loaded-adapters", type=int, default=4, help="adapters kept in the engine (LRU)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")
     p.add_argument(
         "--prompt-format",
         choices=[f.value for f in PromptFormat],
@@ -65,6 +79,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.adapters import AdapterRegistry, BaseModel
     from server.api import create_app
     from server.engine import create_engine
     from server.serving import ChatService, ServingConfig
@@ -88,7 +103,21 @@ def _serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         draft_refinement=args.draft_refinement,
     )
-    app = create_app(ChatService(engine, config), api_key=args.api_key, metrics_public=args.metrics_public)
+    registry = AdapterRegistry(
+        engine,
+        args.adapters_dir,
+        BaseModel.from_dir(model_dir),
+        name,
+        max_loaded=args.max_loaded_adapters,
+        max_rank=args.max_lora_rank,
+    )
+    registry.scan()
+    app = create_app(
+        ChatService(engine, config, adapters=registry),
+        api_key=args.api_key,
+        admin_api_key=args.admin_api_key,
+        metrics_public=args.metrics_public,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from server.refine import RefineOutcome
+from server.refine import RefineMode, RefineOutcome, StopReason
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 UNKNOWN_MODEL = "unknown"  # requests that failed before a model was resolved
@@ -84,6 +84,12 @@ class Metrics:
 
     def observe_refinement(self, model: str, mode: str, outcome: RefineOutcome) -> None:
         self.refine_iterations.labels(model, mode).observe(outcome.iterations)
+        # Every reason this mode can stop for exists from the first request on, at 0 until it happens, so that
+        # dashboard ratios such as the converged share read 0 rather than "no data".
+        for reason in (
+            (StopReason.NONE,) if mode == RefineMode.NONE else (StopReason.CONVERGED, StopReason.MAX_ITERATIONS)
+        ):
+            self.refine_stops.labels(model, mode, reason.value)
         self.refine_stops.labels(model, mode, outcome.stop_reason.value).inc()
         self.changed_answers.labels(model).inc(outcome.changed_rounds)
         self.prompt_tokens.labels(model).inc(outcome.prompt_tokens)

@@ -93,6 +93,10 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(BaseModel):
     # Unknown fields are accepted and ignored (as OpenAI does); the service logs them.
     model_config = ConfigDict(extra="allow")
@@ -101,6 +105,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -109,6 +114,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
     cache_salt: str | None = None  # as in vLLM: only requests with the same salt share cached prefixes
@@ -148,11 +154,19 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCallOut] | None = None
 
 
+class Refinement(BaseModel):
+    mode: RefineMode
+    iterations: int
+    stop_reason: StopReason
+    answers: list[str] | None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
+    refinement: Refinement | None = None  # per choice, when n > 1
 
 
 class PromptTokensDetails(BaseModel):
@@ -174,13 +188,6 @@ class Usage(BaseModel):
     completion_tokens_details: CompletionTokensDetails = CompletionTokensDetails()
 
 
-class Refinement(BaseModel):
-    mode: RefineMode
-    iterations: int
-    stop_reason: StopReason
-    answers: list[str] | None = None
-
-
 class ChatCompletionResponse(BaseModel):
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     object: Literal["chat.completion"] = "chat.completion"
@@ -197,6 +204,10 @@ class ChatCompletionResponse(BaseModel):
         for choice in body["choices"]:
             if choice["message"]["tool_calls"] is None:
                 del choice["message"]["tool_calls"]
+            if choice["refinement"] is None:
+                del choice["refinement"]
+            elif choice["refinement"]["answers"] is None:
+                del choice["refinement"]["answers"]
         return body
 
 
@@ -224,3 +235,12 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class LoadLoraAdapter(BaseModel):
+    lora_name: str
+    lora_path: str | None = None  # inside the adapters directory; default: the directory named lora_name
+
+
+class UnloadLoraAdapter(BaseModel):
+    lora_name: str

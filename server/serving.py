@@ -1,13 +1,23 @@
-"""One chat-completion request's life: validate → build prompt → generate → parse → refine loop → response."""
+"""One chat-completion request's life: validate → build prompt → generate → parse → refine loop → response.
+
+`plan` does every check that can fail because of the request, before any work and before a stream starts (so a
+bad request is a clean 4xx, never an error in the middle of a stream). `complete` and `stream` then run the refine
+loop once per choice.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server import toolcalls
+from server import streaming, toolcalls
+from server.adapters import AdapterError, AdapterRegistry
 from server.engine import Engine, EngineError, SamplingParams
 from server.errors import BadRequest, NotFound
 from server.metrics import UNKNOWN_MODEL, Metrics
@@ -20,12 +30,14 @@ from server.protocol import (
     CompletionTokensDetails,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     PromptTokensDetails,
     Refinement,
     ToolCallOut,
     Usage,
 )
 from server.refine import Answer, RefineMode, RefineOutcome, run_refinement
+from server.tool_choice import constraint_schema
 
 log = logging.getLogger(__name__)
 
@@ -41,41 +53,89 @@ class ServingConfig:
     default_max_tokens: int = 512
     # Greedy refine rounds hand the previous answer to the engine as a draft to verify in one pass (exact).
     draft_refinement: bool = True
+    max_n: int = 8
 
 
 @dataclass
 class _Tally:
-    """Per-request counts of the fast refinement path, summed over rounds (OpenAI's usage details)."""
+    """Per-choice counts of the fast refinement path, summed over rounds (OpenAI's usage details)."""
 
     cached_tokens: int = 0
     accepted_draft_tokens: int = 0
     rejected_draft_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A validated request, ready to run."""
+
+    request: ChatCompletionRequest
+    model: str  # the served model or adapter name (also the metrics label)
+    adapter: str | None
+    mode: RefineMode
+    prompt: Prompt
+    params: SamplingParams
+    use_tools: bool
+    start: float
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    outcome: RefineOutcome
+    tally: _Tally
+    message: AssistantMessage
+    finish_reason: str
+
+
+RoundCallback = Callable[[int, Answer], None]
+
+
 class ChatService:
     """Runs chat completions over an engine. Knows nothing of HTTP; raises APIError subclasses."""
 
-    def __init__(self, engine: Engine, config: ServingConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServingConfig,
+        metrics: Metrics | None = None,
+        adapters: AdapterRegistry | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.metrics = metrics or Metrics()
+        self.adapters = adapters
+
+    def adapter_names(self) -> list[str]:
+        return self.adapters.names() if self.adapters else []
 
     def model_label(self, model: str) -> str:
         """The metrics label for a requested model: its name when served, else a fixed placeholder."""
-        return model if model == self.config.served_model_name or model in self.engine.adapters() else UNKNOWN_MODEL
+        return model if model == self.config.served_model_name or model in self.adapter_names() else UNKNOWN_MODEL
 
     def models(self) -> ModelList:
         base = self.config.served_model_name
         cards = [ModelCard(id=base, root=base, max_model_len=self.engine.max_model_len)]
-        cards += [ModelCard(id=name, root=base, parent=base) for name in self.engine.adapters()]
+        cards += [ModelCard(id=name, root=base, parent=base) for name in self.adapter_names()]
         return ModelList(data=cards)
 
-    async def complete(
-        self, request: ChatCompletionRequest, refine_query: RefineMode | None = None
-    ) -> ChatCompletionResponse:
+    @contextlib.asynccontextmanager
+    async def _holding(self, plan: Plan) -> AsyncIterator[None]:
+        """Keep the plan's adapter loaded while it runs (it may have been dropped as least recently used)."""
+        if self.adapters is None or plan.adapter is None:
+            yield
+            return
+        try:
+            async with self.adapters.use(plan.adapter):
+                yield
+        except AdapterError as exc:
+            raise exc.api_error(param="model") from exc
+
+    # ---- validation ----
+
+    def plan(self, request: ChatCompletionRequest, refine_query: RefineMode | None = None) -> Plan:
         start = time.perf_counter()
         adapter = self._route(request.model)
-        self._check_supported(request)
+        self._check_choices(request)
         if request.model_extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         mode = request.refine or refine_query or RefineMode.NONE
@@ -88,78 +148,36 @@ class ChatService:
             raise BadRequest(str(exc), param="messages") from exc
         params = self._sampling(request)
         self._check_context(prompt, params, mode)
-        tally = _Tally()
-        draft: list[int] | None = None
-
-        async def answer(previous: str | None) -> Answer:
-            nonlocal draft
-            context = prompt if previous is None else prompt.with_refinement(previous)
-            ids = self.engine.encode_chat(context.messages, context.tools)
-            try:
-                generation = await self.engine.generate(
-                    ids, params, adapter, draft=draft, cache_salt=request.cache_salt
-                )
-            except EngineError as exc:
-                raise BadRequest(str(exc), param="messages") from exc
-            tally.cached_tokens += generation.cached_tokens
-            tally.accepted_draft_tokens += generation.draft_accepted_tokens
-            tally.rejected_draft_tokens += generation.draft_tokens - generation.draft_accepted_tokens
-            if self.config.draft_refinement and params.greedy:
-                draft = generation.completions[0].as_draft  # the next round most often repeats this answer
-            parsed = toolcalls.parse_answer(generation.text) if use_tools else None
-            return Answer(
-                text=generation.text,
-                canonical=toolcalls.canonical(parsed or generation.text),
-                attempted_call=use_tools and toolcalls.looks_like_call(generation.text),
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                finish_reason=generation.finish_reason,
-            )
-
-        outcome = await run_refinement(answer, mode, request.max_refine_iterations)
-        response = self._response(request, mode, outcome, use_tools, tally)
-        self._observe(request.model, mode, outcome, tally, response, time.perf_counter() - start)
-        return response
-
-    def _observe(
-        self,
-        model: str,
-        mode: RefineMode,
-        outcome: RefineOutcome,
-        tally: _Tally,
-        response: ChatCompletionResponse,
-        seconds: float,
-    ) -> None:
-        m = self.metrics
-        m.observe_refinement(model, mode.value, outcome)
-        m.duration.labels(model, mode.value).observe(seconds)
-        m.ttft.labels(model, mode.value).observe(seconds)  # non-streamed: the answer arrives all at once
-        m.cached_prompt_tokens.labels(model).inc(tally.cached_tokens)
-        m.draft_tokens.labels(model, "accepted").inc(tally.accepted_draft_tokens)
-        m.draft_tokens.labels(model, "rejected").inc(tally.rejected_draft_tokens)
-        if response.choices[0].finish_reason != "tool_calls" and outcome.final.attempted_call:
-            m.parse_failures.labels(model).inc()
+        return Plan(request, request.model, adapter, mode, prompt, params, use_tools, start)
 
     def _route(self, model: str) -> str | None:
         """The adapter a model name routes to (None for the base model); 404 for an unknown name."""
         if model == self.config.served_model_name:
             return None
-        if model in self.engine.adapters():
+        if model in self.adapter_names():
             return model
-        known = ", ".join([self.config.served_model_name, *self.engine.adapters()])
+        known = ", ".join([self.config.served_model_name, *self.adapter_names()])
         raise NotFound(f"The model '{model}' does not exist. Available: {known}", param="model", code="model_not_found")
 
-    @staticmethod
-    def _check_supported(request: ChatCompletionRequest) -> None:
-        if request.n > 1:
-            raise BadRequest("n > 1 is not supported; send one request per completion", param="n")
-        if request.stream:
-            raise BadRequest("streaming is not supported yet; send stream=false", param="stream")
-        if request.tool_choice not in (None, "auto", "none"):
-            raise BadRequest("tool_choice supports 'auto' and 'none' for now", param="tool_choice")
+    def _check_choices(self, request: ChatCompletionRequest) -> None:
+        if request.n > self.config.max_n:
+            raise BadRequest(f"n is at most {self.config.max_n} on this server", param="n")
+        choice = request.tool_choice
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            if not request.tools:
+                raise BadRequest("tool_choice needs `tools` to choose from", param="tool_choice")
+            names = {tool.function.name for tool in request.tools}
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise BadRequest(
+                    f"tool_choice names '{choice.function.name}', which is not in `tools`", param="tool_choice"
+                )
 
     def _sampling(self, request: ChatCompletionRequest) -> SamplingParams:
+        tools = [t.model_dump(exclude_none=True) for t in request.tools or []]
+        choice = request.tool_choice
+        named = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
         return SamplingParams(
+            json_schema=constraint_schema(tools, named, request.parallel_tool_calls is not False),
             max_tokens=request.max_completion_tokens or request.max_tokens or self.config.default_max_tokens,
             temperature=self.config.default_temperature if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
@@ -183,44 +201,177 @@ class ChatService:
                 code="context_length_exceeded",
             )
 
-    def _response(
+    # ---- running ----
+
+    async def run_choice(
         self,
-        request: ChatCompletionRequest,
-        mode: RefineMode,
-        outcome: RefineOutcome,
-        use_tools: bool,
-        tally: _Tally,
-    ) -> ChatCompletionResponse:
+        plan: Plan,
+        index: int = 0,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> ChoiceResult:
+        """One choice's refine loop. `on_text` streams the text of round 0 as it is generated (refine=none only)."""
+        params = plan.params
+        if index and params.seed is not None:  # n > 1 with a seed: each choice its own, reproducible stream
+            params = dataclasses.replace(params, seed=params.seed + index)
+        tally = _Tally()
+        draft: list[int] | None = None
+        rounds = 0
+
+        async def answer(previous: str | None) -> Answer:
+            nonlocal draft, rounds
+            context = plan.prompt if previous is None else plan.prompt.with_refinement(previous)
+            ids = self.engine.encode_chat(context.messages, context.tools)
+            try:
+                generation = await self.engine.generate(
+                    ids, params, plan.adapter, draft=draft, cache_salt=plan.request.cache_salt, on_text=on_text
+                )
+            except EngineError as exc:
+                raise BadRequest(str(exc), param="messages") from exc
+            tally.cached_tokens += generation.cached_tokens
+            tally.accepted_draft_tokens += generation.draft_accepted_tokens
+            tally.rejected_draft_tokens += generation.draft_tokens - generation.draft_accepted_tokens
+            if self.config.draft_refinement and params.greedy:
+                draft = generation.completions[0].as_draft  # the next round most often repeats this answer
+            parsed = toolcalls.parse_answer(generation.text) if plan.use_tools else None
+            result = Answer(
+                text=generation.text,
+                canonical=toolcalls.canonical(parsed or generation.text),
+                attempted_call=plan.use_tools and toolcalls.looks_like_call(generation.text),
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                finish_reason=generation.finish_reason,
+            )
+            if on_round:
+                on_round(rounds, result)
+            rounds += 1
+            return result
+
+        outcome = await run_refinement(answer, plan.mode, plan.request.max_refine_iterations)
+        message, finish_reason = self._final_message(plan, outcome)
+        return ChoiceResult(outcome, tally, message, finish_reason)
+
+    def _final_message(self, plan: Plan, outcome: RefineOutcome) -> tuple[AssistantMessage, str]:
         final = outcome.final
-        parsed = toolcalls.parse_answer(final.text) if use_tools else None
+        request = plan.request
+        parsed = toolcalls.parse_answer(final.text) if plan.use_tools else None
         known = {tool.function.name for tool in request.tools or []}
         # A call to a tool the client did not offer cannot be dispatched: it comes back as text instead.
         if parsed and parsed.tool_calls and all(call.name in known for call in parsed.tool_calls):
-            calls = [ToolCallOut.model_validate(c) for c in toolcalls.to_openai(parsed.tool_calls)]
-            message = AssistantMessage(content=parsed.content, tool_calls=calls)
-            finish: Any = "tool_calls"
+            chosen = parsed.tool_calls[:1] if request.parallel_tool_calls is False else parsed.tool_calls
+            calls = [ToolCallOut.model_validate(c) for c in toolcalls.to_openai(chosen)]
+            return AssistantMessage(content=parsed.content, tool_calls=calls), "tool_calls"
+        return AssistantMessage(content=final.text), "length" if final.finish_reason == "length" else "stop"
+
+    async def complete(
+        self, request: ChatCompletionRequest, refine_query: RefineMode | None = None
+    ) -> ChatCompletionResponse:
+        plan = self.plan(request, refine_query)
+        async with self._holding(plan):
+            results = await asyncio.gather(*(self.run_choice(plan, i) for i in range(request.n)))
+        response = self.response(plan, results)
+        self.observe(plan, results, ttft=time.perf_counter() - plan.start)  # the answer arrives all at once
+        return response
+
+    async def stream(self, plan: Plan) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of a streamed completion (see streaming.py); the refine loop runs before the answer is sent."""
+        async with self._holding(plan):
+            async for chunk in self._stream(plan):
+                yield chunk
+
+    async def _stream(self, plan: Plan) -> AsyncIterator[dict[str, Any]]:
+        chunks = streaming.ChunkFactory(plan.model)
+        yield chunks.role(range(plan.request.n))
+        first_token_at: float | None = None
+        live = plan.mode is RefineMode.NONE and not plan.use_tools and plan.request.n == 1
+        if live:  # nothing to decide after generation: stream tokens as they come
+            deltas: asyncio.Queue[str | None] = asyncio.Queue()
+            task = asyncio.create_task(self.run_choice(plan, on_text=deltas.put_nowait))
+            task.add_done_callback(lambda _: deltas.put_nowait(None))
+            try:
+                while (delta := await deltas.get()) is not None:
+                    if delta:
+                        first_token_at = first_token_at or time.perf_counter()
+                        yield chunks.content(0, delta)
+                results = [await task]
+            finally:
+                task.cancel()
         else:
-            message = AssistantMessage(content=final.text)
-            finish = "length" if final.finish_reason == "length" else "stop"
-        usage = Usage(
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=tally.cached_tokens),
+            rounds: asyncio.Queue[tuple[int, int, Answer] | None] = asyncio.Queue()
+            tasks = [
+                asyncio.create_task(self.run_choice(plan, i, on_round=lambda r, a, i=i: rounds.put_nowait((i, r, a))))
+                for i in range(plan.request.n)
+            ]
+            gathered = asyncio.gather(*tasks)
+            gathered.add_done_callback(lambda _: rounds.put_nowait(None))
+            try:
+                while (item := await rounds.get()) is not None:
+                    index, number, answer = item
+                    text = answer.text if plan.request.return_refinement_history else None
+                    yield chunks.round_report(index, number, text)
+                results = list(await gathered)
+            finally:
+                for task in tasks:
+                    task.cancel()
+            first_token_at = time.perf_counter()
+            for index, result in enumerate(results):
+                for chunk in chunks.answer(index, result.message):
+                    yield chunk
+        for index, result in enumerate(results):
+            yield chunks.finish(index, result.finish_reason, self._refinement(plan, result.outcome).model_dump())
+        if plan.request.stream_options and plan.request.stream_options.include_usage:
+            yield chunks.usage(self._usage(results).model_dump())
+        self.observe(plan, results, ttft=(first_token_at or time.perf_counter()) - plan.start)
+
+    # ---- the response and its accounting ----
+
+    def _refinement(self, plan: Plan, outcome: RefineOutcome) -> Refinement:
+        history = [a.text for a in outcome.answers] if plan.request.return_refinement_history else None
+        return Refinement(
+            mode=plan.mode, iterations=outcome.iterations, stop_reason=outcome.stop_reason, answers=history
+        )
+
+    @staticmethod
+    def _usage(results: list[ChoiceResult]) -> Usage:
+        prompt = sum(r.outcome.prompt_tokens for r in results)
+        completion = sum(r.outcome.completion_tokens for r in results)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(r.tally.cached_tokens for r in results)),
             completion_tokens_details=CompletionTokensDetails(
-                accepted_prediction_tokens=tally.accepted_draft_tokens,
-                rejected_prediction_tokens=tally.rejected_draft_tokens,
+                accepted_prediction_tokens=sum(r.tally.accepted_draft_tokens for r in results),
+                rejected_prediction_tokens=sum(r.tally.rejected_draft_tokens for r in results),
             ),
         )
-        refinement = Refinement(
-            mode=mode,
-            iterations=outcome.iterations,
-            stop_reason=outcome.stop_reason,
-            answers=[a.text for a in outcome.answers] if request.return_refinement_history else None,
-        )
+
+    def response(self, plan: Plan, results: list[ChoiceResult]) -> ChatCompletionResponse:
+        choices = [
+            Choice(
+                index=i,
+                message=r.message,
+                finish_reason=r.finish_reason,  # type: ignore[arg-type]
+                refinement=self._refinement(plan, r.outcome) if len(results) > 1 else None,
+            )
+            for i, r in enumerate(results)
+        ]
         return ChatCompletionResponse(
-            model=request.model,
-            choices=[Choice(index=0, message=message, finish_reason=finish)],
-            usage=usage,
-            refinement=refinement,
+            model=plan.model,
+            choices=choices,
+            usage=self._usage(results),
+            refinement=self._refinement(plan, results[0].outcome),
         )
+
+    def observe(self, plan: Plan, results: list[ChoiceResult], ttft: float) -> None:
+        m, model, mode = self.metrics, plan.model, plan.mode.value
+        m.duration.labels(model, mode).observe(time.perf_counter() - plan.start)
+        m.ttft.labels(model, mode).observe(ttft)
+        for r in results:
+            m.observe_refinement(model, mode, r.outcome)
+            m.cached_prompt_tokens.labels(model).inc(r.tally.cached_tokens)
+            m.draft_tokens.labels(model, "accepted").inc(r.tally.accepted_draft_tokens)
+            m.draft_tokens.labels(model, "rejected").inc(r.tally.rejected_draft_tokens)
+            if r.finish_reason != "tool_calls" and r.outcome.final.attempted_call:
+                m.parse_failures.labels(model).inc()

@@ -10,7 +10,7 @@ from server.engine.base import (
     SamplingParams,
 )
 
-ENGINES = ("transformers",)
+ENGINES = ("transformers", "vllm")
 
 __all__ = [
     "ENGINES",
@@ -31,4 +31,8 @@ def create_engine(kind: str, model_dir: str, **options: object) -> Engine:
         from server.engine.transformers import TransformersEngine
 
         return TransformersEngine(model_dir, **options)  # type: ignore[arg-type]
+    if kind == "vllm":
+        from server.engine.vllm import VllmEngine
+
+        return VllmEngine(model_dir, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -20,6 +21,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    json_schema: Mapping[str, Any] | None = None  # constrain the output to JSON following this schema
 
     @property
     def greedy(self) -> bool:
@@ -95,18 +97,26 @@ class Engine(Protocol):
         adapter: str | None = None,
         draft: Sequence[int] | None = None,
         cache_salt: str | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         """Generate `params.n` completions for token ids or chat messages; raise EngineError for bad input.
 
         `draft` (greedy only, ignored otherwise) is the completion the caller expects, e.g. the previous refine
         round's answer: the engine may verify it in one pass instead of decoding it token by token. The result is
         the same text either way. `cache_salt` keeps the request from sharing cached prefixes with requests that
-        carry another salt (isolation between tenants, or clean benchmarks)."""
+        carry another salt (isolation between tenants, or clean benchmarks). `on_text` (n=1 only) is called on the
+        caller's event loop with each new piece of text as it is generated."""
         ...
 
     def adapters(self) -> list[str]:
         """Names of the loaded LoRA adapters."""
         ...
+
+    async def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a peft LoRA directory (already checked by the adapter registry) under `name`."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
 
     async def close(self) -> None: ...
 

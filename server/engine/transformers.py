@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llguidance import LLMatcher
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from server.engine.base import (
@@ -41,6 +42,7 @@ from server.engine.base import (
     SamplingParams,
     is_token_ids,
 )
+from server.engine.constrained import SchemaConstraints, mask_disallowed
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class _Job:
     adapter: str | None
     draft: list[int]  # greedy n=1 only; empty when there is none
     cache_salt: str | None
+    on_text: Callable[[str], None] | None
     future: asyncio.Future[Generation]
     loop: asyncio.AbstractEventLoop
     cancelled: bool = False
@@ -75,11 +78,13 @@ class _Command:
 class _Row:
     job: _Job
     generator: torch.Generator | None
+    matcher: LLMatcher | None
     fed: list[int]  # the tokens whose keys/values are live in this row of the batch cache, in order
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None  # set when a stop string cut the text
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
+    streamed: int = 0  # characters of text already handed to the job's on_text
 
     @property
     def position(self) -> int:
@@ -125,6 +130,7 @@ class TransformersEngine:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else next(iter(self._eos_ids), 0)
         self._adapters: dict[str, str] = {}
+        self._constraints = SchemaConstraints(self.tokenizer, self._eos_ids)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._queue: queue.Queue[_Job | _Command | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="toolace-engine", daemon=True)
@@ -165,6 +171,7 @@ class TransformersEngine:
         adapter: str | None = None,
         draft: Sequence[int] | None = None,
         cache_salt: str | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         ids = list(prompt) if is_token_ids(prompt) else self.encode_chat(prompt)  # type: ignore[arg-type]
         if not ids:
@@ -179,8 +186,10 @@ class TransformersEngine:
         if params.n < 1:
             raise EngineError("n must be at least 1")
         loop = asyncio.get_running_loop()
-        usable_draft = list(draft or ())[:MAX_DRAFT_TOKENS] if params.greedy and params.n == 1 else []
-        job = _Job(ids, params, adapter, usable_draft, cache_salt, loop.create_future(), loop)
+        plain_greedy = params.greedy and params.n == 1 and params.json_schema is None
+        usable_draft = list(draft or ())[:MAX_DRAFT_TOKENS] if plain_greedy else []
+        streamed = on_text if params.n == 1 else None
+        job = _Job(ids, params, adapter, usable_draft, cache_salt, streamed, loop.create_future(), loop)
         self._queue.put(job)
         try:
             return await job.future
@@ -212,6 +221,8 @@ class TransformersEngine:
                 raise EngineError(f"adapter {name!r} is not loaded")
             self.model.delete_adapter(name)
             del self._adapters[name]
+            if self._adapters:  # peft may still name the deleted adapter as active, which breaks disable_adapter
+                self.model.set_adapter(next(iter(self._adapters)))
             if self.prefix_cache:
                 self.prefix_cache.clear_adapter(name)
 
@@ -369,7 +380,7 @@ class TransformersEngine:
             cache.batch_select_indices(torch.tensor(index))
             attention, logits = attention[index], logits[index]
         rows = [
-            _Row(jobs[i], self._generator(jobs[i].params, k), fed=list(jobs[i].prompt_ids))
+            _Row(jobs[i], self._generator(jobs[i].params, k), self._matcher(jobs[i].params), list(jobs[i].prompt_ids))
             for i, k in zip(index, _sample_numbers(jobs), strict=True)
         ]
         emitted = [[token] for token in self._sample(logits[:, -1, :], rows)]
@@ -377,6 +388,9 @@ class TransformersEngine:
             if row.job.draft:
                 emitted[r] = self._verify_draft(row, logits[r], attention[r])
         return cache, attention, logits[:, -1, :], rows, emitted
+
+    def _matcher(self, params: SamplingParams) -> LLMatcher | None:
+        return self._constraints.matcher(params.json_schema) if params.json_schema is not None else None
 
     def _verify_draft(self, row: _Row, logits: torch.Tensor, attention: torch.Tensor) -> list[int]:
         """Accept the longest draft prefix greedy decoding agrees with; hide the rest of it from attention.
@@ -447,10 +461,15 @@ class TransformersEngine:
         tokens = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             params = row.job.params
-            if params.greedy:
+            if params.greedy and row.matcher is None:
                 continue
-            scores = logits[i].float() / params.temperature
-            probs = torch.softmax(scores, dim=-1)
+            scores = logits[i].float()
+            if row.matcher is not None:
+                scores = mask_disallowed(scores, row.matcher)
+            if params.greedy:
+                tokens[i] = int(scores.argmax())
+                continue
+            probs = torch.softmax(scores / params.temperature, dim=-1)
             if params.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
@@ -464,6 +483,8 @@ class TransformersEngine:
         if row.job.cancelled:
             row.finish_reason = "abort"
             return
+        if row.matcher is not None:
+            row.matcher.consume_token(token)
         if token in self._eos_ids:
             row.finish_reason, row.stop_token_id = "stop", token
             return
@@ -476,13 +497,30 @@ class TransformersEngine:
                 return
         if len(row.token_ids) >= params.max_tokens:
             row.finish_reason = "length"
+        elif row.job.on_text is not None:
+            self._stream(row)
+
+    def _text(self, row: _Row) -> str:
+        return row.text if row.text is not None else self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+
+    def _stream(self, row: _Row, final: bool = False) -> None:
+        """Hand the job's on_text the text not yet sent. Until the end, hold back an unfinished UTF-8 character
+        and as many characters as a stop string could still claim."""
+        text = self._text(row)
+        if not final:
+            text = text.rstrip("\ufffd")
+            hold = max((len(s) for s in row.job.params.stop), default=1) - 1
+            text = text[: len(text) - hold]
+        if len(text) > row.streamed:
+            row.job.loop.call_soon_threadsafe(row.job.on_text, text[row.streamed :])
+            row.streamed = len(text)
 
     def _finish(self, job: _Job, job_rows: list[_Row]) -> None:
+        if job.on_text is not None:
+            self._stream(job_rows[0], final=True)
         completions = tuple(
             Completion(
-                text=row.text
-                if row.text is not None
-                else self.tokenizer.decode(row.token_ids, skip_special_tokens=True),
+                text=self._text(row),
                 token_ids=tuple(row.token_ids),
                 finish_reason=row.finish_reason or "stop",
                 stop_token_id=row.stop_token_id,

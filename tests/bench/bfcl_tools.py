@@ -6,21 +6,7 @@ import json
 from importlib.resources import files
 from typing import Any
 
-_TYPES = {"dict": "object", "float": "number", "tuple": "array", "list": "array", "integer": "integer"}
-
-
-def json_schema(node: Any) -> Any:
-    """BFCL's parameter docs (`"type": "dict"`, `"float"`, `"tuple"`, `"any"`) as JSON Schema."""
-    if isinstance(node, dict):
-        out = {k: json_schema(v) for k, v in node.items()}
-        if node.get("type") == "any":
-            del out["type"]
-        elif isinstance(node.get("type"), str):
-            out["type"] = _TYPES.get(node["type"], node["type"])
-        return out
-    if isinstance(node, list):
-        return [json_schema(v) for v in node]
-    return node
+from server.tool_choice import json_schema
 
 
 def load(category: str, limit: int) -> list[dict[str, Any]]:

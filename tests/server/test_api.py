@@ -246,10 +246,6 @@ def test_invalid_tool_schema(smol_server: RunningServer, tool: dict[str, Any], p
     assert_error(post(smol_server, {"model": smol_server.model, "messages": HELLO, "tools": [tool]}), 400, param)
 
 
-def test_n_greater_than_one(smol_server: RunningServer) -> None:
-    assert_error(post(smol_server, {"model": smol_server.model, "messages": HELLO, "n": 2}), 400, "n")
-
-
 @pytest.mark.parametrize("value", [0, 11, "five"])
 def test_max_refine_iterations_out_of_range(smol_server: RunningServer, value: Any) -> None:
     body = {"model": smol_server.model, "messages": HELLO, "refine": "adaptive", "max_refine_iterations": value}

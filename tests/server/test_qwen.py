@@ -73,3 +73,25 @@ def test_adaptive_refinement_keeps_a_tool_answer(qwen: openai.OpenAI) -> None:
     assert "Paris" in json.loads(calls[0].function.arguments)["city"]
     assert refined.usage is not None and plain.usage is not None
     assert refined.usage.total_tokens > 2 * plain.usage.total_tokens  # usage sums every round
+
+
+def test_tool_choice_none_answers_in_words(qwen: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "Compute 5 factorial."}]
+    free = qwen.chat.completions.create(model=QWEN, messages=question, tools=TOOLS)
+    assert free.choices[0].message.tool_calls, "with tools offered, Qwen calls math.factorial"
+    none = qwen.chat.completions.create(model=QWEN, messages=question, tools=TOOLS, tool_choice="none", max_tokens=60)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+    assert none.choices[0].message.content
+
+
+def test_parallel_tool_calls_false_holds(qwen: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
+    both = qwen.chat.completions.create(model=QWEN, messages=question, tools=TOOLS, tool_choice="required")
+    calls = both.choices[0].message.tool_calls
+    assert calls and len(calls) >= 2, "asked about two cities, Qwen calls get_weather twice"
+    one = qwen.chat.completions.create(
+        model=QWEN, messages=question, tools=TOOLS, tool_choice="required", parallel_tool_calls=False
+    )
+    calls = one.choices[0].message.tool_calls
+    assert calls and len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Rome")

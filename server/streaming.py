@@ -1,0 +1,95 @@
+"""Server-Sent Events in OpenAI's `chat.completion.chunk` shape, including tool calls streamed the way OpenAI does:
+the first delta of a call carries its index, id, type and name with empty arguments, later deltas carry argument
+fragments. Extension fields (`refinement`, `refinement_round`) are ignored by the OpenAI client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from server.errors import APIError, error_body
+from server.protocol import AssistantMessage
+
+log = logging.getLogger(__name__)
+
+# A decided answer is sent in pieces of this many characters, so clients render it the way they render tokens.
+PIECE = 24
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[i : i + PIECE] for i in range(0, len(text), PIECE)]
+
+
+class ChunkFactory:
+    """The chunks of one streamed completion; they share its id, creation time and model."""
+
+    def __init__(self, model: str) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def _chunk(self, choices: list[dict[str, Any]], **extension: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extension,
+        }
+
+    def _delta(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def role(self, indices: Iterable[int]) -> dict[str, Any]:
+        return self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in indices])
+
+    def content(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk([self._delta(index, {"content": text})])
+
+    def round_report(self, index: int, round_number: int, answer: str | None) -> dict[str, Any]:
+        report: dict[str, Any] = {"choice": index, "round": round_number}
+        if answer is not None:
+            report["answer"] = answer
+        return self._chunk([], refinement_round=report)
+
+    def answer(self, index: int, message: AssistantMessage) -> list[dict[str, Any]]:
+        chunks = [self.content(index, piece) for piece in _pieces(message.content or "")]
+        for k, call in enumerate(message.tool_calls or []):
+            head = {
+                "index": k,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": ""},
+            }
+            chunks.append(self._chunk([self._delta(index, {"tool_calls": [head]})]))
+            for piece in _pieces(call.function.arguments):
+                fragment = {"index": k, "function": {"arguments": piece}}
+                chunks.append(self._chunk([self._delta(index, {"tool_calls": [fragment]})]))
+        return chunks
+
+    def finish(self, index: int, finish_reason: str, refinement: dict[str, Any]) -> dict[str, Any]:
+        if refinement.get("answers") is None:
+            refinement = {k: v for k, v in refinement.items() if k != "answers"}
+        return self._chunk([self._delta(index, {}, finish_reason)], refinement=refinement)
+
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk([], usage=usage)
+
+
+async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Frame chunks as `data:` events and end with `data: [DONE]`; an error mid-stream becomes an error event."""
+    try:
+        async for chunk in chunks:
+            yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+    except APIError as exc:
+        yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+    except Exception:
+        log.exception("stream failed")
+        body = error_body("The server had an error while streaming the response.", "server_error")
+        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
