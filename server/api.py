@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -15,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapters import AdapterError
 from server.errors import APIError, NotFound, Unauthorized, error_body
-from server.metrics import CONTENT_TYPE, UNKNOWN_MODEL, Metrics, status_class
+from server.metrics import CONTENT_TYPE
+from server.middleware import BodyGuard, JSONBodyByDefault, RequestLog, RequestMetrics
 from server.protocol import ChatCompletionRequest, LoadLoraAdapter, UnloadLoraAdapter
 from server.refine import RefineMode
 from server.serving import ChatService
@@ -34,6 +37,26 @@ def _param_path(loc: Sequence[Any]) -> str | None:
         elif not str(part).startswith(("function-after[", "function-before[", "literal[")):
             path += f".{part}" if path else str(part)
     return path or None
+
+
+async def _finished_before_disconnect(request: Request, work: asyncio.Future[Any]) -> bool:
+    """Wait for `work`; if the client disconnects first, cancel it (the engine aborts the generation and no
+    further refine round starts) and return False."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    return not work.cancelled()
 
 
 def _bearer_matches(request: Request, key: str) -> bool:
@@ -58,54 +81,6 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     )
 
 
-class JSONBodyByDefault:
-    """ASGI middleware: `curl -d` sends form encoding by default; read such POST bodies as the JSON they are."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [
-                (k, v)
-                for k, v in scope["headers"]
-                if not (k == b"content-type" and v.startswith(b"application/x-www-form-urlencoded"))
-            ]
-            if not any(k == b"content-type" for k, _ in headers):
-                headers.append((b"content-type", b"application/json"))
-            scope = {**scope, "headers": headers}
-        await self.app(scope, receive, send)
-
-
-class RequestMetrics:
-    """ASGI middleware: counts chat completions by status class and keeps the in-flight gauge."""
-
-    PATH = "/v1/chat/completions"
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != self.PATH:
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def send_recording_status(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_recording_status)
-        finally:
-            self.metrics.in_flight.dec()
-            model = scope.get("state", {}).get("model", UNKNOWN_MODEL)  # set by the route once the body parsed
-            self.metrics.requests.labels(model, status_class(status)).inc()
-
-
 def create_app(
     service: ChatService,
     *,
@@ -118,9 +93,14 @@ def create_app(
         yield
         await service.engine.close()
 
-    app = FastAPI(title="ToolACE-R server", version="0.1.0", lifespan=lifespan)
+    # The schema is served behind the API key like everything but /health (no docs UI: nothing to click here).
+    app = FastAPI(title="ToolACE-R server", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None)
+    limits = service.config.limits
+    # The last added runs first: the log sees everything, the body guard runs before any parsing.
     app.add_middleware(JSONBodyByDefault)
+    app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes, max_depth=limits.max_json_depth)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
+    app.add_middleware(RequestLog)
 
     async def authorize(request: Request) -> None:
         if api_key is not None and not _bearer_matches(request, api_key):
@@ -134,7 +114,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -151,6 +131,10 @@ def create_app(
         return JSONResponse(
             error_body("The server had an error processing the request.", "server_error"), status_code=500
         )
+
+    @app.get("/openapi.json", dependencies=[Depends(authorize)], include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -171,11 +155,17 @@ def create_app(
         refine: RefineMode | None = Query(default=None, description="refinement mode, when the body has none"),
     ) -> Response:
         request.state.model = service.model_label(body.model)
-        if body.stream:
-            plan = service.plan(body, refine)  # validation errors are still plain 4xx responses
+        plan = service.plan(body, refine)  # every check that can fail, before any work and before a stream starts
+        request.state.log = plan.log
+        if body.stream:  # Starlette cancels the stream when the client goes away
             return StreamingResponse(sse(service.stream(plan)), media_type="text/event-stream")
-        response = await service.complete(body, refine)
-        return JSONResponse(response.to_json())
+        work = asyncio.ensure_future(service.complete(plan))
+        if not await _finished_before_disconnect(request, work):
+            service.metrics.cancelled.labels(request.state.model, "client_disconnect").inc()
+            plan.log["cancelled"] = "client_disconnect"
+            log.info("client went away: request %s cancelled", request.state.request_id)
+            return Response(status_code=499)  # nobody reads it; the access log does
+        return JSONResponse(work.result().to_json())
 
     # vLLM's request shapes, so tooling written for `vllm serve` manages adapters here too.
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize_admin)])

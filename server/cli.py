@@ -8,16 +8,34 @@ dependencies pointing one way: `server` never imports `training`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from server import model_store
 from server.engine import ENGINES
+from server.limits import Limits
 from server.prompts import PromptFormat
+
+LIMIT_HELP = {
+    "max_body_bytes": "request body size (413 beyond)",
+    "max_json_depth": "nesting of arrays and objects in the body",
+    "max_tokens": "cap on a request's max_tokens / max_completion_tokens",
+    "max_n": "cap on n (choices per request)",
+    "max_refine_iterations": "cap on max_refine_iterations (at most 10)",
+    "max_tools": "tools per request",
+    "max_tool_schema_bytes": "size of one tool's parameters schema, as JSON",
+    "max_active_requests": "requests running at once",
+    "max_queued_requests": "requests waiting for a running slot; beyond that, 429 with Retry-After",
+    "request_timeout": "seconds a request may take, waiting included; then 504 and its work stops",
+}
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -74,6 +92,36 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="decode every greedy refine round in full instead of verifying the previous answer as a draft",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-prompts", action="store_true", help="add each request's messages to its access-log line")
+    p.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM"
+    )
+    limits = p.add_argument_group("limits (a request beyond one is refused before any work)")
+    for field in dataclasses.fields(Limits):
+        flag = "--" + field.name.replace("_", "-")
+        limits.add_argument(flag, type=type(field.default), default=field.default, help=LIMIT_HELP[field.name])
+
+
+def _graceful_server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM once its graceful shutdown is done, so the process ends "killed by SIGTERM";
+        a finished graceful shutdown is a clean exit, status 0, for supervisors and orchestrators."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -102,6 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
         default_temperature=args.default_temperature,
         default_max_tokens=args.default_max_tokens,
         draft_refinement=args.draft_refinement,
+        limits=Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)}),
+        log_prompts=args.log_prompts,
     )
     registry = AdapterRegistry(
         engine,
@@ -118,7 +168,17 @@ def _serve(args: argparse.Namespace) -> int:
         admin_api_key=args.admin_api_key,
         metrics_public=args.metrics_public,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # SIGTERM: uvicorn stops accepting, lets in-flight requests finish for up to --shutdown-grace s, then the
+    # lifespan closes the engine; our access log replaces uvicorn's.
+    http_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=args.shutdown_grace,
+    )
+    _graceful_server_class()(http_config).run()
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Any
 class APIError(Exception):
     status: int = 400
     type: str = "invalid_request_error"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -28,6 +29,17 @@ class Unauthorized(APIError):
 
 class NotFound(APIError):
     status = 404
+
+
+class TooManyRequests(APIError):
+    status = 429
+    type = "rate_limit_error"
+    headers = {"Retry-After": "1"}
+
+
+class GatewayTimeout(APIError):
+    status = 504
+    type = "timeout_error"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

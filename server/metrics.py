@@ -46,6 +46,18 @@ class Metrics:
             "toolace_requests_total", "Chat completion requests by HTTP status class", ["model", "status"], registry=r
         )
         self.in_flight = Gauge("toolace_requests_in_flight", "Chat completion requests being served", registry=r)
+        self.rejected = Counter(
+            "toolace_requests_rejected_total",
+            "Requests refused with 429 because the queue was full",
+            ["model"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "toolace_requests_cancelled_total",
+            "Requests whose work was stopped early, by reason (client_disconnect, timeout)",
+            ["model", "reason"],
+            registry=r,
+        )
         self.duration = Histogram(
             "toolace_request_duration_seconds",
             "Chat completion latency, all refine rounds included",

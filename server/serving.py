@@ -19,7 +19,8 @@ from typing import Any
 from server import streaming, toolcalls
 from server.adapters import AdapterError, AdapterRegistry
 from server.engine import Engine, EngineError, SamplingParams
-from server.errors import BadRequest, NotFound
+from server.errors import BadRequest, GatewayTimeout, NotFound, TooManyRequests
+from server.limits import Limits, check_request
 from server.metrics import UNKNOWN_MODEL, Metrics
 from server.prompts import Prompt, PromptFormat, build_prompt
 from server.protocol import (
@@ -53,7 +54,8 @@ class ServingConfig:
     default_max_tokens: int = 512
     # Greedy refine rounds hand the previous answer to the engine as a draft to verify in one pass (exact).
     draft_refinement: bool = True
-    max_n: int = 8
+    limits: Limits = Limits()
+    log_prompts: bool = False  # the access log carries no request content unless asked
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Plan:
     params: SamplingParams
     use_tools: bool
     start: float
+    # What the access log reports about this request (model, mode, rounds); filled in as it runs.
+    log: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ class ChatService:
         self.config = config
         self.metrics = metrics or Metrics()
         self.adapters = adapters
+        self._slots = asyncio.Semaphore(config.limits.max_active_requests)
+        self._waiting = 0
 
     def adapter_names(self) -> list[str]:
         return self.adapters.names() if self.adapters else []
@@ -117,6 +123,35 @@ class ChatService:
         cards = [ModelCard(id=base, root=base, max_model_len=self.engine.max_model_len)]
         cards += [ModelCard(id=name, root=base, parent=base) for name in self.adapter_names()]
         return ModelList(data=cards)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, plan: Plan) -> AsyncIterator[None]:
+        """A running slot within the request's deadline: 429 when too many wait already, 504 past the deadline.
+        The deadline cancels the work, which aborts the engine's generation and starts no further round."""
+        limits = self.config.limits
+        if self._slots.locked() and self._waiting >= limits.max_queued_requests:
+            self.metrics.rejected.labels(plan.model).inc()
+            raise TooManyRequests(
+                f"The server is at capacity ({limits.max_queued_requests} requests waiting); retry shortly.",
+                code="server_busy",
+            )
+        try:
+            async with asyncio.timeout(limits.request_timeout - (time.perf_counter() - plan.start)):
+                self._waiting += 1
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._waiting -= 1
+                try:
+                    async with self._holding(plan):
+                        yield
+                finally:
+                    self._slots.release()
+        except TimeoutError as exc:
+            self.metrics.cancelled.labels(plan.model, "timeout").inc()
+            raise GatewayTimeout(
+                f"The request did not finish within {limits.request_timeout:g} s.", code="request_timeout"
+            ) from exc
 
     @contextlib.asynccontextmanager
     async def _holding(self, plan: Plan) -> AsyncIterator[None]:
@@ -148,7 +183,10 @@ class ChatService:
             raise BadRequest(str(exc), param="messages") from exc
         params = self._sampling(request)
         self._check_context(prompt, params, mode)
-        return Plan(request, request.model, adapter, mode, prompt, params, use_tools, start)
+        log_fields: dict[str, Any] = {"model": request.model, "mode": mode.value, "n": request.n}
+        if self.config.log_prompts:
+            log_fields["messages"] = messages
+        return Plan(request, request.model, adapter, mode, prompt, params, use_tools, start, log_fields)
 
     def _route(self, model: str) -> str | None:
         """The adapter a model name routes to (None for the base model); 404 for an unknown name."""
@@ -160,8 +198,7 @@ class ChatService:
         raise NotFound(f"The model '{model}' does not exist. Available: {known}", param="model", code="model_not_found")
 
     def _check_choices(self, request: ChatCompletionRequest) -> None:
-        if request.n > self.config.max_n:
-            raise BadRequest(f"n is at most {self.config.max_n} on this server", param="n")
+        check_request(request, self.config.limits)
         choice = request.tool_choice
         if choice == "required" or isinstance(choice, NamedToolChoice):
             if not request.tools:
@@ -264,19 +301,16 @@ class ChatService:
             return AssistantMessage(content=parsed.content, tool_calls=calls), "tool_calls"
         return AssistantMessage(content=final.text), "length" if final.finish_reason == "length" else "stop"
 
-    async def complete(
-        self, request: ChatCompletionRequest, refine_query: RefineMode | None = None
-    ) -> ChatCompletionResponse:
-        plan = self.plan(request, refine_query)
-        async with self._holding(plan):
-            results = await asyncio.gather(*(self.run_choice(plan, i) for i in range(request.n)))
+    async def complete(self, plan: Plan) -> ChatCompletionResponse:
+        async with self._admitted(plan):
+            results = await asyncio.gather(*(self.run_choice(plan, i) for i in range(plan.request.n)))
         response = self.response(plan, results)
         self.observe(plan, results, ttft=time.perf_counter() - plan.start)  # the answer arrives all at once
         return response
 
     async def stream(self, plan: Plan) -> AsyncIterator[dict[str, Any]]:
         """Chunks of a streamed completion (see streaming.py); the refine loop runs before the answer is sent."""
-        async with self._holding(plan):
+        async with self._admitted(plan):
             async for chunk in self._stream(plan):
                 yield chunk
 
@@ -365,6 +399,10 @@ class ChatService:
         )
 
     def observe(self, plan: Plan, results: list[ChoiceResult], ttft: float) -> None:
+        plan.log["rounds"] = (
+            [r.outcome.iterations for r in results] if len(results) > 1 else results[0].outcome.iterations
+        )
+        plan.log["stop_reason"] = results[0].outcome.stop_reason.value
         m, model, mode = self.metrics, plan.model, plan.mode.value
         m.duration.labels(model, mode).observe(time.perf_counter() - plan.start)
         m.ttft.labels(model, mode).observe(ttft)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,6 +28,7 @@ class RunningServer:
     model: str
     api_key: str
     log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, compare=False, repr=False)
 
     @property
     def v1(self) -> str:
@@ -55,7 +56,7 @@ def start_server(model: str, log_dir: Path, *extra: str, startup_timeout: float 
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen([*cmd, *extra], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ)
     served_name = model_store.DEFAULT_MODEL if model == "default" else model
-    server = RunningServer(f"http://127.0.0.1:{port}", served_name, API_KEY, log_path)
+    server = RunningServer(f"http://127.0.0.1:{port}", served_name, API_KEY, log_path, proc)
     deadline = time.monotonic() + startup_timeout
     try:
         while True:

@@ -1,0 +1,256 @@
+"""Limits, backpressure, deadlines, disconnects, request ids and graceful shutdown, against a real server.
+
+The module's server is small on purpose: one running slot, one waiting slot, an 8 s deadline and a 1 MiB body cap,
+so that every refusal path can be reached with a handful of requests to SmolLM2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import SMOL, RunningServer, start_server
+
+SHORT = [{"role": "user", "content": "Say hi."}]
+# SmolLM2 keeps counting for as long as it is allowed to: a request that takes as long as max_tokens says.
+LONG = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
+# Sampled, so every round decodes in full (greedy rounds verify the previous answer in one pass and are quick).
+SLOW_REFINEMENT = {
+    "model": SMOL,
+    "messages": LONG,
+    "refine": "vanilla",
+    "max_refine_iterations": 10,
+    "temperature": 0.7,
+    "seed": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def server(smol_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    yield from start_server(
+        SMOL,
+        tmp_path_factory.mktemp("reliability"),
+        "--max-active-requests",
+        "1",
+        "--max-queued-requests",
+        "1",
+        "--request-timeout",
+        "8",
+        "--max-body-bytes",
+        str(1024 * 1024),
+        "--max-tools",
+        "4",
+        "--max-tokens",
+        "2048",
+    )
+
+
+def post(server: RunningServer, body: Any, **kw: Any) -> httpx.Response:
+    kw.setdefault("timeout", 120)
+    headers = {**server.headers, **kw.pop("headers", {})}
+    if not isinstance(body, dict):  # raw bytes, or an iterator of them (sent chunked)
+        return httpx.post(f"{server.v1}/chat/completions", content=body, headers=headers, **kw)
+    return httpx.post(f"{server.v1}/chat/completions", json=body, headers=headers, **kw)
+
+
+def rss_kib(server: RunningServer) -> int:
+    assert server.process is not None
+    with open(f"/proc/{server.process.pid}/status") as f:
+        status = f.read()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+def counter(server: RunningServer, family: str, **labels: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", headers=server.headers, timeout=10).text
+    return sum(
+        sample.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == family
+        for sample in fam.samples
+        if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def assert_error(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+
+
+def short_request_is_quick(server: RunningServer) -> float:
+    started = time.monotonic()
+    response = post(server, {"model": SMOL, "messages": SHORT, "max_tokens": 4})
+    assert response.status_code == 200, response.text
+    return time.monotonic() - started
+
+
+# ---- limits ----
+
+
+def test_huge_bodies_are_refused_without_reading_them(server: RunningServer) -> None:
+    before = rss_kib(server)
+    huge = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (10 * 1024 * 1024) + b'"}]}'
+    assert_error(post(server, huge, headers={"content-type": "application/json"}), 413, code="body_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server must count as it reads
+        for i in range(0, len(huge), 65536):
+            yield huge[i : i + 65536]
+
+    assert_error(post(server, chunks(), headers={"content-type": "application/json"}), 413, code="body_too_large")  # type: ignore[arg-type]
+    assert rss_kib(server) - before < 20 * 1024  # never buffered the 10 MB (let alone a parsed copy)
+
+
+def test_deep_nesting_and_bad_encoding_are_refused(server: RunningServer) -> None:
+    before = rss_kib(server)
+    deep = b'{"model": "x", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    assert_error(post(server, deep), 400, code="too_deep")
+    assert_error(post(server, b'{"model": "\xff\xfe", "messages": []}'), 400, code="invalid_encoding")
+    assert rss_kib(server) - before < 20 * 1024
+    assert short_request_is_quick(server) < 60  # still serving
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": 4096}, "max_tokens"),
+        ({"max_completion_tokens": 4096}, "max_completion_tokens"),
+        ({"n": 9}, "n"),
+        ({"max_refine_iterations": 11}, "max_refine_iterations"),
+        ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(5)]}, "tools"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "big",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {
+                                    f"p{i}": {"type": "string", "description": "x" * 100} for i in range(400)
+                                },
+                            },
+                        },
+                    }
+                ]
+            },
+            "tools[0].function.parameters",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, None),
+    ],
+)
+def test_request_limits_name_the_field(server: RunningServer, extra: dict[str, Any], param: str | None) -> None:
+    response = post(server, {"model": SMOL, "messages": SHORT, **extra})
+    assert_error(response, 400, param=param)
+    if param is None:  # a parameters schema that is not a JSON Schema object
+        assert response.json()["error"]["param"].startswith("tools[0].function.parameters")
+
+
+# ---- backpressure, deadlines, disconnects ----
+
+
+def test_a_full_queue_answers_429_with_retry_after(server: RunningServer) -> None:
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=server.headers, timeout=120) as client:
+            body = {"model": SMOL, "messages": LONG, "max_tokens": 40}
+            first = asyncio.create_task(client.post(f"{server.v1}/chat/completions", json=body))
+            await asyncio.sleep(0.5)  # running
+            second = asyncio.create_task(client.post(f"{server.v1}/chat/completions", json=body))
+            await asyncio.sleep(0.5)  # waiting
+            third = await client.post(f"{server.v1}/chat/completions", json=body)
+            return [await first, await second, third]
+
+    first, second, third = asyncio.run(scenario())
+    assert first.status_code == second.status_code == 200
+    assert_error(third, 429, code="server_busy")
+    assert third.headers["retry-after"] == "1"
+    assert counter(server, "toolace_requests_rejected", model=SMOL) >= 1
+
+
+def test_the_deadline_gives_504_and_frees_the_engine(server: RunningServer) -> None:
+    started = time.monotonic()
+    # 11 sampled rounds (no fast path) of about 120 tokens: far beyond the 8 s deadline
+    body = {**SLOW_REFINEMENT, "max_tokens": 400}
+    assert_error(post(server, body), 504, code="request_timeout")
+    assert 7 < time.monotonic() - started < 30
+    assert short_request_is_quick(server) < 10  # the long generation did not go on behind it
+    assert counter(server, "toolace_requests_cancelled", reason="timeout") >= 1
+
+
+def test_a_client_that_goes_away_stops_its_refinement(server: RunningServer) -> None:
+    before = counter(server, "toolace_requests_cancelled", reason="client_disconnect")
+    body = {**SLOW_REFINEMENT, "max_tokens": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, body, timeout=2.0)  # ~2 s in: round 0 of 11 rounds of up to 200 tokens
+    deadline = time.monotonic() + 10
+    while counter(server, "toolace_requests_cancelled", reason="client_disconnect") == before:
+        assert time.monotonic() < deadline, "the disconnect was not noticed"
+        time.sleep(0.2)
+    assert short_request_is_quick(server) < 10  # no further round is running
+
+
+# ---- request ids and the access log ----
+
+
+def test_request_ids_and_one_log_line_per_request(server: RunningServer) -> None:
+    response = post(server, {"model": SMOL, "messages": SHORT, "max_tokens": 4}, headers={"X-Request-Id": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    fresh = post(server, {"model": SMOL, "messages": SHORT, "max_tokens": 4}, headers={"X-Request-Id": "bad id!"})
+    assert fresh.headers["x-request-id"] != "bad id!" and len(fresh.headers["x-request-id"]) == 32
+    time.sleep(0.2)
+    lines = [line for line in server.log().splitlines() if "toolace.access" in line and '"abc-123"' in line]
+    assert len(lines) == 1
+    record = json.loads(lines[0].split("toolace.access: ", 1)[1])
+    assert record["status"] == 200 and record["model"] == SMOL and record["mode"] == "none"
+    assert record["rounds"] == 0 and record["latency_ms"] > 0
+    assert "Say hi" not in server.log()  # prompts stay out of the log
+
+
+# ---- auth on every route ----
+
+
+def test_every_route_but_health_needs_the_key(server: RunningServer) -> None:
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+    ]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            response = httpx.request(method, f"{server.base_url}{path}", headers=headers, timeout=10)
+            assert_error(response, 401)
+            assert response.json()["error"]["message"] == "Invalid API key."  # no detail about what was wrong
+    assert httpx.get(f"{server.base_url}/openapi.json", headers=server.headers).json()["paths"]
+
+
+# ---- graceful shutdown ----
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(smol_dir: Any, tmp_path: Any) -> None:
+    for server in start_server(SMOL, tmp_path):
+        assert server.process is not None
+
+        async def scenario(server: RunningServer = server) -> httpx.Response:
+            async with httpx.AsyncClient(headers=server.headers, timeout=120) as client:
+                body = {"model": SMOL, "messages": LONG, "max_tokens": 60}
+                request = asyncio.create_task(client.post(f"{server.v1}/chat/completions", json=body))
+                await asyncio.sleep(1.0)
+                server.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                return await request
+
+        response = asyncio.run(scenario())
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] > 10
+        assert server.process.wait(timeout=60) == 0
