@@ -186,7 +186,9 @@ def train_lora(
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
-        num_warmup_steps=math.ceil(config.warmup_ratio * total),
+        # floor, not ceil: warmup makes the first step's learning rate 0, so a run of one or two steps (the tiny
+        # config) with ceil would never move the adapter off its zero-initialised B matrices
+        num_warmup_steps=math.floor(config.warmup_ratio * total),
         num_training_steps=total,
     )
     result = TrainResult(len(rows), len(encoded) - len(rows), total, sum(r.completion_length for r in rows))
