@@ -298,6 +298,14 @@ class TransformersEngine:
             for job in jobs:
                 _resolve(job.loop, job.future, exc, error=True)
 
+    @property
+    def _network(self) -> Any:
+        """What a forward pass calls. Once every adapter is unloaded, peft still names a deleted one as active and
+        its forward fails on it; the wrapped model (LoRA layers without adapters act as the base) runs instead."""
+        if self._adapters or not hasattr(self.model, "get_base_model"):
+            return self.model
+        return self.model.get_base_model()
+
     def _adapter_scope(self, adapter: str | None) -> Any:
         if not self._adapters:
             return nullcontext()
@@ -335,7 +343,7 @@ class TransformersEngine:
             positions = torch.tensor([[row.position] for row in rows], dtype=torch.long)
             for row, token in zip(rows, next_tokens, strict=True):
                 row.fed.append(token)
-            logits = self.model(
+            logits = self._network(
                 input_ids=torch.tensor(next_tokens, dtype=torch.long).unsqueeze(1),
                 attention_mask=attention,
                 position_ids=positions,
@@ -365,7 +373,7 @@ class TransformersEngine:
             input_ids[i, width_new - len(new) :] = torch.tensor(new)
             positions[i, width_new - len(new) :] = torch.arange(c, c + len(new))
         keep = 1 + max(len(job.draft) for job in jobs)
-        logits = self.model(
+        logits = self._network(
             input_ids=input_ids,
             attention_mask=attention,
             position_ids=positions,
