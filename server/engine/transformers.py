@@ -304,7 +304,7 @@ class TransformersEngine:
         its forward fails on it; the wrapped model (LoRA layers without adapters act as the base) runs instead."""
         if self._adapters or not hasattr(self.model, "get_base_model"):
             return self.model
-        return self.model.get_base_model()
+        return self.model.base_model.model  # not get_base_model(): it looks up the deleted adapter too
 
     def _adapter_scope(self, adapter: str | None) -> Any:
         if not self._adapters:
