@@ -58,6 +58,8 @@ DEFAULT_MAX_LORAS = 4  # adapters in one batch (GPU slots); matches the server's
 DEFAULT_MAX_LORA_RANK = 64  # matches the server's --max-lora-rank default; vLLM accepts 1, 8, 16, 32, 64, 128...
 # On CPUs vLLM sizes its KV cache from this variable (whole GiB), not from gpu_memory_utilization.
 CPU_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+# vLLM's default (5 s) can end in a kill while a worker still tears down (~4 s on 2 CPU cores).
+SHUTDOWN_TIMEOUT = 30.0
 
 
 class VllmEngine:
@@ -115,7 +117,8 @@ class VllmEngine:
         if max_batch_size:
             args["max_num_seqs"] = max_batch_size
         if enable_lora:
-            args.update(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
+            cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+            args.update(max_loras=max_loras, max_lora_rank=_vllm_rank(max_lora_rank), max_cpu_loras=cpu_loras)
         if speculative_config:
             args["speculative_config"] = dict(speculative_config)
         args.update(engine_args or {})
@@ -134,6 +137,13 @@ class VllmEngine:
             self._stop_loop()
             raise
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        log.info(
+            "vLLM engine ready: %s, max_model_len %d, prefix caching %s, LoRA %s",
+            self.model_name,
+            self.max_model_len,
+            "on" if enable_prefix_caching else "off",
+            f"on (max rank {max_lora_rank}, {max_loras} per batch)" if enable_lora else "off",
+        )
 
     async def _start(self, args: Any) -> Any:
         """Built on the engine loop, so that vLLM's output handler task lives there."""
@@ -353,10 +363,10 @@ class VllmEngine:
             # Drop our reference too: AsyncLLM.__del__ shuts down again, which must not wait for interpreter exit
             # (its module globals are gone by then).
             llm, self._llm = self._llm, None
-            llm.shutdown()
+            llm.shutdown(timeout=SHUTDOWN_TIMEOUT)
 
         try:
-            self._run_on_loop(stop()).result(timeout=120)
+            self._run_on_loop(stop()).result(timeout=SHUTDOWN_TIMEOUT + 30)
         finally:
             self._stop_loop()
 
@@ -368,3 +378,9 @@ class VllmEngine:
 
 
 _request_numbers = itertools.count()
+_VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def _vllm_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank` (adapters are still refused above `rank`)."""
+    return next((r for r in _VLLM_RANKS if r >= rank), rank)
