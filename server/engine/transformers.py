@@ -221,8 +221,6 @@ class TransformersEngine:
                 raise EngineError(f"adapter {name!r} is not loaded")
             self.model.delete_adapter(name)
             del self._adapters[name]
-            if self._adapters:  # peft may still name the deleted adapter as active, which breaks disable_adapter
-                self.model.set_adapter(next(iter(self._adapters)))
             if self.prefix_cache:
                 self.prefix_cache.clear_adapter(name)
 
@@ -309,10 +307,10 @@ class TransformersEngine:
     def _adapter_scope(self, adapter: str | None) -> Any:
         if not self._adapters:
             return nullcontext()
-        if adapter is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(adapter)
-        return nullcontext()
+        # peft's active adapter may be one unloaded since (loading another does not switch to it), and
+        # disable_adapter looks the active one up: point it at a loaded adapter first, for base rows too.
+        self.model.set_adapter(adapter if adapter is not None else next(iter(self._adapters)))
+        return self.model.disable_adapter() if adapter is None else nullcontext()
 
     def _decode(self, jobs: list[_Job]) -> None:
         cache, attention, logits, rows, emitted = self._prefill(jobs)
