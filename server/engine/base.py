@@ -123,3 +123,48 @@ class Engine(Protocol):
 
 def is_token_ids(prompt: Sequence[int] | Sequence[ChatMessage]) -> bool:
     return all(isinstance(t, int) for t in prompt)
+
+
+def encode_chat(
+    tokenizer: Any, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None
+) -> list[int]:
+    """A conversation as prompt token ids: the tokenizer's chat template, ending where the assistant answers.
+    Every backend encodes through this, so the same request is the same prompt on each."""
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def eos_token_ids(tokenizer: Any, configs: Sequence[Any]) -> set[int]:
+    """The tokens that end a turn: every `eos_token_id` the model's configs name, and the tokenizer's own."""
+    ids: set[int] = set()
+    for config in configs:
+        eos = getattr(config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def checked_prompt_ids(
+    prompt: Sequence[int] | Sequence[ChatMessage],
+    params: SamplingParams,
+    max_model_len: int,
+    encode: Callable[[Sequence[ChatMessage]], list[int]],
+) -> list[int]:
+    """The prompt as token ids, checked the same way by every backend; EngineError for what cannot run."""
+    ids = list(prompt) if is_token_ids(prompt) else encode(prompt)  # type: ignore[arg-type]
+    if not ids:
+        raise EngineError("the prompt is empty")
+    if len(ids) + params.max_tokens > max_model_len:
+        raise EngineError(
+            f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
+            f"context length ({max_model_len})"
+        )
+    if params.n < 1:
+        raise EngineError("n must be at least 1")
+    return ids

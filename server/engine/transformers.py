@@ -40,7 +40,9 @@ from server.engine.base import (
     FinishReason,
     Generation,
     SamplingParams,
-    is_token_ids,
+    checked_prompt_ids,
+    encode_chat,
+    eos_token_ids,
 )
 from server.engine.constrained import SchemaConstraints, mask_disallowed
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
@@ -126,7 +128,9 @@ class TransformersEngine:
         config_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_model_len = min(config_len, max_model_len) if max_model_len else config_len
         self.max_batch_size = max_batch_size
-        self._eos_ids = self._collect_eos_ids()
+        self._eos_ids = eos_token_ids(
+            self.tokenizer, [getattr(self.model, "generation_config", None), self.model.config]
+        )
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else next(iter(self._eos_ids), 0)
         self._adapters: dict[str, str] = {}
@@ -136,33 +140,12 @@ class TransformersEngine:
         self._thread = threading.Thread(target=self._run, name="toolace-engine", daemon=True)
         self._thread.start()
 
-    def _collect_eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config):
-            eos = getattr(source, "eos_token_id", None)
-            if isinstance(eos, int):
-                ids.add(eos)
-            elif isinstance(eos, list):
-                ids.update(eos)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
     # ---- public API (event-loop side) ----
 
     def encode_chat(
         self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
     ) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            tools=list(tools) if tools else None,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return encode_chat(self.tokenizer, messages, tools)
 
     async def generate(
         self,
@@ -173,18 +156,9 @@ class TransformersEngine:
         cache_salt: str | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        ids = list(prompt) if is_token_ids(prompt) else self.encode_chat(prompt)  # type: ignore[arg-type]
-        if not ids:
-            raise EngineError("the prompt is empty")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise EngineError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context length ({self.max_model_len})"
-            )
+        ids = checked_prompt_ids(prompt, params, self.max_model_len, self.encode_chat)
         if adapter is not None and adapter not in self._adapters:
             raise EngineError(f"adapter {adapter!r} is not loaded")
-        if params.n < 1:
-            raise EngineError("n must be at least 1")
         loop = asyncio.get_running_loop()
         plain_greedy = params.greedy and params.n == 1 and params.json_schema is None
         usable_draft = list(draft or ())[:MAX_DRAFT_TOKENS] if plain_greedy else []

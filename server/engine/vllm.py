@@ -47,7 +47,9 @@ from server.engine.base import (
     FinishReason,
     Generation,
     SamplingParams,
-    is_token_ids,
+    checked_prompt_ids,
+    encode_chat,
+    eos_token_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class VllmEngine:
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._eos_ids = self._collect_eos_ids()
+        self._eos_ids = eos_token_ids(self.tokenizer, self._model_configs())
         self.enable_lora = enable_lora
         self.max_lora_rank = max_lora_rank
         if enable_prefix_caching is None:
@@ -151,37 +153,19 @@ class VllmEngine:
 
         return AsyncLLM.from_engine_args(args)
 
-    def _collect_eos_ids(self) -> set[int]:
-        """The tokens that end a turn, gathered as the transformers backend gathers them."""
-        ids: set[int] = set()
-        sources: list[Any] = [AutoConfig.from_pretrained(self.model_dir)]
+    def _model_configs(self) -> list[Any]:
+        """The configs that name end-of-turn tokens, read from disk (vLLM loads the weights in its own process)."""
+        configs: list[Any] = [AutoConfig.from_pretrained(self.model_dir)]
         with contextlib.suppress(OSError):  # no generation_config.json
-            sources.insert(0, GenerationConfig.from_pretrained(self.model_dir))
-        for source in sources:
-            eos = getattr(source, "eos_token_id", None)
-            if isinstance(eos, int):
-                ids.add(eos)
-            elif isinstance(eos, list):
-                ids.update(eos)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+            configs.insert(0, GenerationConfig.from_pretrained(self.model_dir))
+        return configs
 
     # ---- public API (caller's event loop) ----
 
     def encode_chat(
         self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
     ) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            tools=list(tools) if tools else None,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return encode_chat(self.tokenizer, messages, tools)
 
     async def generate(
         self,
@@ -194,16 +178,7 @@ class VllmEngine:
     ) -> Generation:
         if self._closed:
             raise EngineError("the engine is shutting down")
-        ids = list(prompt) if is_token_ids(prompt) else self.encode_chat(prompt)  # type: ignore[arg-type]
-        if not ids:
-            raise EngineError("the prompt is empty")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise EngineError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context length ({self.max_model_len})"
-            )
-        if params.n < 1:
-            raise EngineError("n must be at least 1")
+        ids = checked_prompt_ids(prompt, params, self.max_model_len, self.encode_chat)
         lora = None
         if adapter is not None:
             lora = self._adapters.get(adapter)
