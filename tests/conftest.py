@@ -7,7 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,24 +58,40 @@ def start_server(model: str, log_dir: Path, *extra: str, startup_timeout: float 
         proc = subprocess.Popen([*cmd, *extra], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ)
     served_name = model_store.DEFAULT_MODEL if model == "default" else model
     server = RunningServer(f"http://127.0.0.1:{port}", served_name, API_KEY, log_path, proc)
-    deadline = time.monotonic() + startup_timeout
+    with stopped_after(proc, f"{server.base_url}/health", "server", server.log, timeout=startup_timeout):
+        yield server
+
+
+@contextmanager
+def stopped_after(
+    proc: subprocess.Popen[bytes],
+    ready_url: str,
+    what: str,
+    log: Callable[[], str],
+    *,
+    timeout: float,
+    stop_timeout: float = 30,
+) -> Iterator[None]:
+    """Wait until `ready_url` answers 200 (failing with the log's tail if the process exits or `timeout` passes),
+    run the body, then stop the process: SIGTERM, and SIGKILL after `stop_timeout` s."""
+    deadline = time.monotonic() + timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()[-4000:]}")
             try:
-                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start in {startup_timeout} s:\n{server.log()[-4000:]}")
-            time.sleep(0.5)
-        yield server
+                raise RuntimeError(f"{what} did not start in {timeout} s:\n{log()[-4000:]}")
+            time.sleep(0.25)
+        yield
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
 

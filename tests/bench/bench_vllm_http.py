@@ -35,7 +35,7 @@ from server import model_store  # noqa: E402
 from server.engine.vllm import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS  # noqa: E402
 from server.prompts import system_prompt  # noqa: E402
 from tests.bench.bfcl_tools import load  # noqa: E402
-from tests.conftest import API_KEY, REPO, RunningServer, _free_port, start_server  # noqa: E402
+from tests.conftest import API_KEY, REPO, RunningServer, _free_port, start_server, stopped_after  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -78,26 +78,8 @@ def vllm_server(model: str, model_dir: Path, log_dir: Path, args: argparse.Names
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ)
     server = RunningServer(f"http://127.0.0.1:{port}", model, API_KEY, log_path)
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited with {proc.returncode}:\n{server.log()[-4000:]}")
-            try:
-                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM's server did not start:\n{server.log()[-4000:]}")
-            time.sleep(0.5)
+    with stopped_after(proc, f"{server.base_url}/health", "vLLM's server", server.log, timeout=600, stop_timeout=60):
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def bodies(questions: list[dict[str, Any]], model: str, max_tokens: int, ours: bool) -> list[dict[str, Any]]:

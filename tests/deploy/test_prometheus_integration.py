@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import RunningServer, _free_port
+from tests.conftest import RunningServer, _free_port, stopped_after
 from tests.deploy.conftest import (
     DASHBOARD,
     PROMETHEUS_CONFIG,
@@ -94,26 +94,8 @@ def prometheus(smol_server: RunningServer, tmp_path_factory: pytest.TempPathFact
             stderr=subprocess.STDOUT,
         )
     prom = Prometheus(f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{prom.log()}")
-            try:
-                if httpx.get(f"{prom.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus was not ready in 30 s:\n{prom.log()}")
-            time.sleep(0.2)
+    with stopped_after(proc, f"{prom.url}/-/ready", "prometheus", prom.log, timeout=30, stop_timeout=15):
         yield prom
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def wait_for_target_up(prom: Prometheus, timeout: float = 20) -> None:
