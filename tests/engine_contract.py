@@ -1,0 +1,30 @@
+"""Checks every Engine backend must pass, called from each backend's test module with its own engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.engine import Engine, SamplingParams
+
+HELLO = [{"role": "user", "content": "Say hello in three words."}]
+
+
+def check_max_tokens_and_stop(engine: Engine) -> None:
+    story = [{"role": "user", "content": "Write a long story about a dragon."}]
+    cut = asyncio.run(engine.generate(story, SamplingParams(max_tokens=7)))
+    assert (cut.finish_reason, cut.completion_tokens) == ("length", 7)
+    full = asyncio.run(engine.generate(story, SamplingParams(max_tokens=30))).text
+    stop_word = full.split()[3]
+    stopped = asyncio.run(engine.generate(story, SamplingParams(max_tokens=30, stop=(stop_word,))))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index(stop_word)]
+
+
+def check_seeded_sampling_is_reproducible_and_n_gives_distinct_samples(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=16, temperature=1.0, n=4, seed=7)
+    first = asyncio.run(engine.generate(HELLO, params))
+    second = asyncio.run(engine.generate(HELLO, params))
+    assert len(first.completions) == 4
+    assert [c.text for c in first.completions] == [c.text for c in second.completions]
+    assert len({c.text for c in first.completions}) > 1
+    assert first.prompt_tokens == len(engine.encode_chat(HELLO))  # the prompt counts once, not n times
