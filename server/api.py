@@ -21,7 +21,7 @@ from server.metrics import CONTENT_TYPE
 from server.middleware import BodyGuard, JSONBodyByDefault, RequestLog, RequestMetrics
 from server.protocol import ChatCompletionRequest, LoadLoraAdapter, UnloadLoraAdapter
 from server.refine import RefineMode
-from server.serving import ChatService
+from server.serving import ChatService, Plan
 from server.streaming import sse
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ async def _finished_before_disconnect(request: Request, work: asyncio.Future[Any
             with contextlib.suppress(asyncio.CancelledError):
                 await work
     return not work.cancelled()
+
+
+async def _prepended(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _bearer_matches(request: Request, key: str) -> bool:
@@ -157,15 +163,25 @@ def create_app(
         request.state.model = service.model_label(body.model)
         plan = service.plan(body, refine)  # every check that can fail, before any work and before a stream starts
         request.state.log = plan.log
-        if body.stream:  # Starlette cancels the stream when the client goes away
-            return StreamingResponse(sse(service.stream(plan)), media_type="text/event-stream")
+        if body.stream:
+            chunks = service.stream(plan)
+            # Admission (429 when too many wait, 504 past the deadline) comes before the first chunk: waiting for it
+            # here makes a refusal a plain HTTP error, not an event inside a 200 stream.
+            first = asyncio.ensure_future(anext(chunks))
+            if not await _finished_before_disconnect(request, first):
+                return client_went_away(request, plan)
+            # From here Starlette cancels the stream when the client goes away.
+            return StreamingResponse(sse(_prepended(first.result(), chunks)), media_type="text/event-stream")
         work = asyncio.ensure_future(service.complete(plan))
         if not await _finished_before_disconnect(request, work):
-            service.metrics.cancelled.labels(request.state.model, "client_disconnect").inc()
-            plan.log["cancelled"] = "client_disconnect"
-            log.info("client went away: request %s cancelled", request.state.request_id)
-            return Response(status_code=499)  # nobody reads it; the access log does
+            return client_went_away(request, plan)
         return JSONResponse(work.result().to_json())
+
+    def client_went_away(request: Request, plan: Plan) -> Response:
+        service.metrics.cancelled.labels(request.state.model, "client_disconnect").inc()
+        plan.log["cancelled"] = "client_disconnect"
+        log.info("client went away: request %s cancelled", request.state.request_id)
+        return Response(status_code=499)  # nobody reads it; the access log does
 
     # vLLM's request shapes, so tooling written for `vllm serve` manages adapters here too.
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize_admin)])

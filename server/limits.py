@@ -35,7 +35,9 @@ def check_request(request: ChatCompletionRequest, limits: Limits) -> None:
         raise BadRequest(f"{field} is at most {limits.max_tokens} on this server", param=field)
     if request.n > limits.max_n:
         raise BadRequest(f"n is at most {limits.max_n} on this server", param="n")
-    if request.max_refine_iterations > limits.max_refine_iterations:
+    # Only when asked for: a request that leaves it out gets the default within the cap (serving.py).
+    explicit = "max_refine_iterations" in request.model_fields_set
+    if explicit and request.max_refine_iterations > limits.max_refine_iterations:
         raise BadRequest(
             f"max_refine_iterations is at most {limits.max_refine_iterations} on this server",
             param="max_refine_iterations",

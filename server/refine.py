@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 DEFAULT_MAX_ITERATIONS = 5
 MAX_ITERATIONS_LIMIT = 10
@@ -38,6 +39,7 @@ class Answer:
     completion_tokens: int
     finish_reason: str
     attempted_call: bool = False  # the text looks like a tool call (whether or not it parsed)
+    logprobs: tuple[Any, ...] | None = None  # the engine's per-token log-probabilities, when the client asked
 
 
 AnswerFn = Callable[[str | None], Awaitable[Answer]]

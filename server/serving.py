@@ -19,6 +19,8 @@ from typing import Any
 from server import streaming, toolcalls
 from server.adapters import AdapterError, AdapterRegistry
 from server.engine import Engine, EngineError, SamplingParams
+from server.engine.base import seed_for
+from server.engine.constrained import schema_error
 from server.errors import BadRequest, GatewayTimeout, NotFound, TooManyRequests
 from server.limits import Limits, check_request
 from server.metrics import UNKNOWN_MODEL, Metrics
@@ -28,17 +30,20 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     CompletionTokensDetails,
     ModelCard,
     ModelList,
     NamedToolChoice,
     PromptTokensDetails,
     Refinement,
+    TokenLogprob,
     ToolCallOut,
+    TopLogprob,
     Usage,
 )
 from server.refine import Answer, RefineMode, RefineOutcome, run_refinement
-from server.tool_choice import constraint_schema
+from server.tool_choice import call_schema, constraint_schema
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,7 @@ class Plan:
     model: str  # the served model or adapter name (also the metrics label)
     adapter: str | None
     mode: RefineMode
+    max_rounds: int  # the request's max_refine_iterations; when it leaves it out, the default within the server's cap
     prompt: Prompt
     params: SamplingParams
     use_tools: bool
@@ -89,6 +95,24 @@ class ChoiceResult:
     tally: _Tally
     message: AssistantMessage
     finish_reason: str
+
+    @property
+    def logprobs(self) -> ChoiceLogprobs | None:
+        """OpenAI's logprobs for the returned answer's tokens, when they were asked for."""
+        tokens = self.outcome.final.logprobs
+        if tokens is None:
+            return None
+
+        content = [
+            TokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=list(t.token.encode()),
+                top_logprobs=[TopLogprob(token=a, logprob=lp, bytes=list(a.encode())) for a, lp in t.top],
+            )
+            for t in tokens
+        ]
+        return ChoiceLogprobs(content=content)
 
 
 RoundCallback = Callable[[int, Answer], None]
@@ -171,6 +195,8 @@ class ChatService:
         start = time.perf_counter()
         adapter = self._route(request.model)
         self._check_choices(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         if request.model_extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         mode = request.refine or refine_query or RefineMode.NONE
@@ -186,7 +212,10 @@ class ChatService:
         log_fields: dict[str, Any] = {"model": request.model, "mode": mode.value, "n": request.n}
         if self.config.log_prompts:
             log_fields["messages"] = messages
-        return Plan(request, request.model, adapter, mode, prompt, params, use_tools, start, log_fields)
+        max_rounds = request.max_refine_iterations
+        if "max_refine_iterations" not in request.model_fields_set:
+            max_rounds = min(max_rounds, self.config.limits.max_refine_iterations)
+        return Plan(request, request.model, adapter, mode, max_rounds, prompt, params, use_tools, start, log_fields)
 
     def _route(self, model: str) -> str | None:
         """The adapter a model name routes to (None for the base model); 404 for an unknown name."""
@@ -213,14 +242,32 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []]
         choice = request.tool_choice
         named = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+        schema = constraint_schema(tools, named, request.parallel_tool_calls is not False)
+        if schema is not None:
+            self._check_decodable(tools, named, schema)
         return SamplingParams(
-            json_schema=constraint_schema(tools, named, request.parallel_tool_calls is not False),
+            json_schema=schema,
             max_tokens=request.max_completion_tokens or request.max_tokens or self.config.default_max_tokens,
             temperature=self.config.default_temperature if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             stop=request.stop_sequences,
             seed=request.seed,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         )
+
+    @staticmethod
+    def _check_decodable(tools: list[dict[str, Any]], named: Any, schema: dict[str, Any]) -> None:
+        """400 naming the tool whose schema no answer can satisfy, when tool_choice makes decoding follow it."""
+        if not schema_error(schema):
+            return
+        for i, tool in enumerate(tools):
+            chosen = named == "required" or tool["function"]["name"] == named["function"]["name"]
+            if chosen and (error := schema_error(call_schema(tool["function"]))):
+                raise BadRequest(
+                    f"tool_choice makes answers follow this tool's parameters schema, and none can: {error}",
+                    param=f"tools[{i}].function.parameters",
+                )
+        raise BadRequest(f"no answer can follow the tools' schemas: {schema_error(schema)}", param="tools")
 
     def _check_context(self, prompt: Prompt, params: SamplingParams, mode: RefineMode) -> None:
         prompt_tokens = len(self.engine.encode_chat(prompt.messages, prompt.tools))
@@ -251,7 +298,7 @@ class ChatService:
         """One choice's refine loop. `on_text` streams the text of round 0 as it is generated (refine=none only)."""
         params = plan.params
         if index and params.seed is not None:  # n > 1 with a seed: each choice its own, reproducible stream
-            params = dataclasses.replace(params, seed=params.seed + index)
+            params = dataclasses.replace(params, seed=seed_for(params.seed, index))
         tally = _Tally()
         draft: list[int] | None = None
         rounds = 0
@@ -279,13 +326,14 @@ class ChatService:
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
                 finish_reason=generation.finish_reason,
+                logprobs=generation.completions[0].logprobs,
             )
             if on_round:
                 on_round(rounds, result)
             rounds += 1
             return result
 
-        outcome = await run_refinement(answer, plan.mode, plan.request.max_refine_iterations)
+        outcome = await run_refinement(answer, plan.mode, plan.max_rounds)
         message, finish_reason = self._final_message(plan, outcome)
         return ChoiceResult(outcome, tally, message, finish_reason)
 
@@ -353,7 +401,9 @@ class ChatService:
                 for chunk in chunks.answer(index, result.message):
                     yield chunk
         for index, result in enumerate(results):
-            yield chunks.finish(index, result.finish_reason, self._refinement(plan, result.outcome).model_dump())
+            logprobs = result.logprobs
+            refinement = self._refinement(plan, result.outcome).model_dump()
+            yield chunks.finish(index, result.finish_reason, refinement, logprobs and logprobs.model_dump())
         if plan.request.stream_options and plan.request.stream_options.include_usage:
             yield chunks.usage(self._usage(results).model_dump())
         self.observe(plan, results, ttft=(first_token_at or time.perf_counter()) - plan.start)
@@ -387,6 +437,7 @@ class ChatService:
                 index=i,
                 message=r.message,
                 finish_reason=r.finish_reason,  # type: ignore[arg-type]
+                logprobs=r.logprobs,
                 refinement=self._refinement(plan, r.outcome) if len(results) > 1 else None,
             )
             for i, r in enumerate(results)

@@ -42,8 +42,10 @@ class ChunkFactory:
             **extension,
         }
 
-    def _delta(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _delta(
+        self, index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def role(self, indices: Iterable[int]) -> dict[str, Any]:
         return self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in indices])
@@ -72,10 +74,14 @@ class ChunkFactory:
                 chunks.append(self._chunk([self._delta(index, {"tool_calls": [fragment]})]))
         return chunks
 
-    def finish(self, index: int, finish_reason: str, refinement: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, index: int, finish_reason: str, refinement: dict[str, Any], logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The last chunk of a choice. It carries the answer's logprobs, all of them (the answer may have been
+        decided after the refine loop, and clients join `logprobs.content` across chunks anyway)."""
         if refinement.get("answers") is None:
             refinement = {k: v for k, v in refinement.items() if k != "answers"}
-        return self._chunk([self._delta(index, {}, finish_reason)], refinement=refinement)
+        return self._chunk([self._delta(index, {}, finish_reason, logprobs)], refinement=refinement)
 
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         return self._chunk([], usage=usage)

@@ -51,7 +51,7 @@ def closed(schema: Any) -> Any:
     return out
 
 
-def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+def call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
     parameters = closed(json_schema(function.get("parameters") or {"type": "object", "properties": {}}))
     return {
         "type": "object",
@@ -68,10 +68,10 @@ def constraint_schema(
     functions = [tool["function"] for tool in tools]
     if isinstance(tool_choice, Mapping):  # {"type": "function", "function": {"name": ...}}: exactly that tool, once
         name = tool_choice["function"]["name"]
-        return _call_schema(next(f for f in functions if f["name"] == name))
+        return call_schema(next(f for f in functions if f["name"] == name))
     if tool_choice != "required":
         return None
-    calls = [_call_schema(f) for f in functions]
+    calls = [call_schema(f) for f in functions]
     one_call = calls[0] if len(calls) == 1 else {"anyOf": calls}
     if not parallel_tool_calls:
         return one_call

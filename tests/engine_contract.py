@@ -28,3 +28,20 @@ def check_seeded_sampling_is_reproducible_and_n_gives_distinct_samples(engine: E
     assert [c.text for c in first.completions] == [c.text for c in second.completions]
     assert len({c.text for c in first.completions}) > 1
     assert first.prompt_tokens == len(engine.encode_chat(HELLO))  # the prompt counts once, not n times
+
+
+def check_logprobs(engine: Engine) -> None:
+    """One log-probability per output token (the end-of-turn token excluded), each with its top alternatives;
+    under greedy decoding the chosen token is the most likely one. Without asking, there are none."""
+    generation = asyncio.run(engine.generate(HELLO, SamplingParams(max_tokens=12, logprobs=3)))
+    completion = generation.completions[0]
+    assert completion.logprobs is not None and len(completion.logprobs) == len(completion.token_ids) > 0
+    for entry in completion.logprobs:
+        assert len(entry.top) == 3 and entry.logprob <= 0.0
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        assert abs(entry.logprob - entry.top[0][1]) < 1e-3  # a likeliest token (bf16 ties are common)
+    assert "".join(entry.token for entry in completion.logprobs) == completion.text
+    plain = asyncio.run(engine.generate(HELLO, SamplingParams(max_tokens=12)))
+    assert plain.completions[0].logprobs is None and plain.text == completion.text
+    sampled = asyncio.run(engine.generate(HELLO, SamplingParams(max_tokens=8, temperature=1.0, seed=3, logprobs=0)))
+    assert all(entry.top == () for entry in sampled.completions[0].logprobs or [None])

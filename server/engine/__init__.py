@@ -8,6 +8,7 @@ from server.engine.base import (
     FinishReason,
     Generation,
     SamplingParams,
+    TokenLogprob,
 )
 
 ENGINES = ("transformers", "vllm")
@@ -21,6 +22,7 @@ __all__ = [
     "FinishReason",
     "Generation",
     "SamplingParams",
+    "TokenLogprob",
     "create_engine",
 ]
 

@@ -11,9 +11,20 @@ FinishReason = Literal["stop", "length", "abort"]
 ChatMessage = Mapping[str, Any]
 
 
+# Below this, temperature scaling overflows float32 (NaN probabilities): such a request is decoded greedily, as the
+# limit of sampling at temperature -> 0 is (vLLM draws the same line).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+SEED_SPACE = 2**63  # seeds are taken modulo this: any integer a client sends is a valid, reproducible seed
+
+
+def seed_for(seed: int, offset: int = 0) -> int:
+    """The engine seed for sample `offset` of a request seeded with `seed` (a client may send any integer)."""
+    return (seed + offset) % SEED_SPACE
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings. temperature == 0 means greedy decoding."""
+    """Per-request decoding settings. A temperature below MIN_SAMPLING_TEMPERATURE (0 included) means greedy."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -22,10 +33,22 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     json_schema: Mapping[str, Any] | None = None  # constrain the output to JSON following this schema
+    # Report each output token's log-probability plus this many of the most likely alternatives (None: no report).
+    # They are the model's own distribution, before temperature, top_p or a schema mask (as vLLM's default).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token, its log-probability, and the most likely tokens at its position (most likely first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,7 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     stop_token_id: int | None = None  # the end-of-sequence token that ended it, if one did
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked for
 
     @property
     def as_draft(self) -> list[int]:

@@ -20,8 +20,19 @@ from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
 log = logging.getLogger(__name__)
 
-# Compact JSON: no runs of whitespace for a small model to wander into.
-GRAMMAR_DEFAULTS = {"whitespace_flexible": False}
+# Compact JSON: no runs of whitespace for a small model to wander into. Lenient: a keyword llguidance does not
+# implement (an unknown `format`, say) is ignored rather than refused, as OpenAI's non-strict tool schemas are.
+GRAMMAR_DEFAULTS = {"whitespace_flexible": False, "lenient": True}
+
+
+def schema_error(schema: Mapping[str, Any]) -> str:
+    """Why no answer can be decoded under `schema` (unknown type, unsatisfiable enum, bad pattern, dangling $ref...);
+    "" when it can. Checked per request before any work, so that the engine's matchers never fail."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=GRAMMAR_DEFAULTS)
+    except (ValueError, TypeError) as exc:
+        return str(exc) or type(exc).__name__
+    return llguidance.LLMatcher.validate_grammar(grammar)
 
 
 class SchemaConstraints:

@@ -40,9 +40,11 @@ from server.engine.base import (
     FinishReason,
     Generation,
     SamplingParams,
+    TokenLogprob,
     checked_prompt_ids,
     encode_chat,
     eos_token_ids,
+    seed_for,
 )
 from server.engine.constrained import SchemaConstraints, mask_disallowed
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
@@ -65,6 +67,8 @@ class _Job:
     cancelled: bool = False
     cached_tokens: int = 0
     draft_accepted: int = 0
+    finished: bool = False  # its result is on the way to the caller
+    sent_text: bool = False  # on_text has been called: the job cannot be run again from the start
 
 
 @dataclass(eq=False)
@@ -87,6 +91,7 @@ class _Row:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     streamed: int = 0  # characters of text already handed to the job's on_text
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per sampled token, when the job asks for them
 
     @property
     def position(self) -> int:
@@ -160,7 +165,8 @@ class TransformersEngine:
         if adapter is not None and adapter not in self._adapters:
             raise EngineError(f"adapter {adapter!r} is not loaded")
         loop = asyncio.get_running_loop()
-        plain_greedy = params.greedy and params.n == 1 and params.json_schema is None
+        # Drafts are verified without sampling, so without per-token log-probabilities: not for requests wanting them.
+        plain_greedy = params.greedy and params.n == 1 and params.json_schema is None and params.logprobs is None
         usable_draft = list(draft or ())[:MAX_DRAFT_TOKENS] if plain_greedy else []
         streamed = on_text if params.n == 1 else None
         job = _Job(ids, params, adapter, usable_draft, cache_salt, streamed, loop.create_future(), loop)
@@ -268,7 +274,12 @@ class TransformersEngine:
         except Exception as exc:
             log.exception("generation failed for a batch of %d requests", len(jobs))
             for job in jobs:
-                _resolve(job.loop, job.future, exc, error=True)
+                if job.finished:
+                    continue
+                if len(jobs) > 1 and not job.sent_text:  # one bad request must not fail the others: rerun alone
+                    self._run_batch([job])
+                else:
+                    _resolve(job.loop, job.future, exc, error=True)
 
     @property
     def _network(self) -> Any:
@@ -434,10 +445,27 @@ class TransformersEngine:
         if params.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(params.seed + k)
+            generator.manual_seed(seed_for(params.seed, k))
         return generator
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        tokens = self._choose(logits, rows)
+        for i, row in enumerate(rows):
+            if row.job.params.logprobs is not None:
+                row.logprobs.append(self._logprob(logits[i], tokens[i], row.job.params.logprobs))
+        return tokens
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        best = logprobs.topk(top) if top else None
+        alternatives = zip(best.indices.tolist(), best.values.tolist(), strict=True) if best is not None else ()
+        return TokenLogprob(
+            self.tokenizer.decode([token]),
+            float(logprobs[token]),
+            tuple((self.tokenizer.decode([t]), lp) for t, lp in alternatives),
+        )
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         tokens = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             params = row.job.params
@@ -494,6 +522,7 @@ class TransformersEngine:
         if len(text) > row.streamed:
             row.job.loop.call_soon_threadsafe(row.job.on_text, text[row.streamed :])
             row.streamed = len(text)
+            row.job.sent_text = True
 
     def _finish(self, job: _Job, job_rows: list[_Row]) -> None:
         if job.on_text is not None:
@@ -504,6 +533,8 @@ class TransformersEngine:
                 token_ids=tuple(row.token_ids),
                 finish_reason=row.finish_reason or "stop",
                 stop_token_id=row.stop_token_id,
+                # the end-of-turn token was sampled too, but is no output token
+                logprobs=tuple(row.logprobs[: len(row.token_ids)]) if job.params.logprobs is not None else None,
             )
             for row in job_rows
         )
@@ -514,6 +545,7 @@ class TransformersEngine:
             draft_tokens=len(job.draft),
             draft_accepted_tokens=job.draft_accepted,
         )
+        job.finished = True
         _resolve(job.loop, job.future, generation)
 
 

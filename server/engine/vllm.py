@@ -47,9 +47,11 @@ from server.engine.base import (
     FinishReason,
     Generation,
     SamplingParams,
+    TokenLogprob,
     checked_prompt_ids,
     encode_chat,
     eos_token_ids,
+    seed_for,
 )
 
 log = logging.getLogger(__name__)
@@ -263,13 +265,14 @@ class VllmEngine:
             structured = StructuredOutputsParams(json=dict(params.json_schema))
         return VllmSamplingParams(
             n=params.n,
-            temperature=max(params.temperature, 0.0),
+            temperature=0.0 if params.greedy else params.temperature,
             top_p=params.top_p,
-            seed=params.seed,
+            seed=None if params.seed is None else seed_for(params.seed),
             max_tokens=params.max_tokens,
             stop=list(params.stop) or None,
             stop_token_ids=sorted(self._eos_ids),
             structured_outputs=structured,
+            logprobs=params.logprobs,
             # Without a listener, one output at the end: no per-token work in this process.
             output_kind=RequestOutputKind.CUMULATIVE if streaming else RequestOutputKind.FINAL_ONLY,
         )
@@ -309,9 +312,9 @@ class VllmEngine:
         finally:
             self._tasks.discard(task)
         assert final is not None and final.finished
-        return self._generation(ids, final)
+        return self._generation(ids, final, sampling.logprobs)
 
-    def _generation(self, ids: list[int], output: Any) -> Generation:
+    def _generation(self, ids: list[int], output: Any, top: int | None) -> Generation:
         completions = []
         for sample in sorted(output.outputs, key=lambda c: c.index):
             token_ids = list(sample.token_ids)
@@ -320,7 +323,12 @@ class VllmEngine:
             if sample.finish_reason == "stop" and token_ids and token_ids[-1] in self._eos_ids:
                 stop_token_id = token_ids.pop()
             reason: FinishReason = sample.finish_reason if sample.finish_reason in ("length", "abort") else "stop"
-            completions.append(Completion(sample.text, tuple(token_ids), reason, stop_token_id))
+            logprobs = None
+            if sample.logprobs is not None:  # one {token id: Logprob} per output token, the sampled one included
+                logprobs = tuple(
+                    _token_logprob(t, entry, top or 0) for t, entry in zip(token_ids, sample.logprobs, strict=False)
+                )
+            completions.append(Completion(sample.text, tuple(token_ids), reason, stop_token_id, logprobs))
         return Generation(
             prompt_tokens=len(ids),
             completions=tuple(completions),
@@ -359,3 +367,12 @@ _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values
 def _vllm_rank(rank: int) -> int:
     """The smallest max_lora_rank vLLM accepts that holds `rank` (adapters are still refused above `rank`)."""
     return next((r for r in _VLLM_RANKS if r >= rank), rank)
+
+
+def _token_logprob(token_id: int, entry: Mapping[int, Any], top: int) -> TokenLogprob:
+    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} as the protocol's TokenLogprob: the
+    `top` most likely (rank 1..top) plus the sampled token, which may rank lower."""
+    chosen = entry[token_id]
+    ranked = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
+    top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
+    return TokenLogprob(chosen.decoded_token or "", chosen.logprob, top)

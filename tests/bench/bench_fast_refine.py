@@ -104,6 +104,8 @@ def main() -> None:
         print(f"{name}: {' '.join(extra) or '(defaults)'}", file=sys.stderr)
         rows_by_config[name] = run(args.model, extra, questions, args.max_tokens)
         results[name] = summarize(rows_by_config[name])
+        if args.out:  # after each configuration, so a cut-short run keeps what it measured
+            args.out.write_text(json.dumps({"summary": results, "rows": rows_by_config}, indent=2))
     fast, plain = ({(r["id"], r["mode"]): r for r in rows_by_config[c]} for c in ("fast", "plain"))
     results["same_final_answers"] = sum(fast[k]["answer"] == plain[k]["answer"] for k in fast)
     results["same_histories"] = sum(fast[k]["history"] == plain[k]["history"] for k in fast)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,7 @@ from server.engine import EngineError, SamplingParams
 from server.engine.transformers import TransformersEngine
 from tests.engine_contract import (
     HELLO,
+    check_logprobs,
     check_max_tokens_and_stop,
     check_seeded_sampling_is_reproducible_and_n_gives_distinct_samples,
 )
@@ -32,6 +35,10 @@ def test_generate_from_messages_and_from_token_ids(engine: TransformersEngine) -
     assert from_messages.text == from_ids.text and from_messages.text.strip()
     assert from_messages.prompt_tokens == len(engine.encode_chat(HELLO))
     assert 0 < from_messages.completion_tokens <= 12
+
+
+def test_logprobs(engine: TransformersEngine) -> None:
+    check_logprobs(engine)
 
 
 def test_max_tokens_and_stop(engine: TransformersEngine) -> None:
@@ -82,6 +89,27 @@ def test_cancelled_request_frees_the_engine(engine: TransformersEngine) -> None:
         return quick.text
 
     assert asyncio.run(scenario())
+
+
+def test_a_failing_request_fails_alone(engine: TransformersEngine, caplog: pytest.LogCaptureFixture) -> None:
+    # A schema no matcher can follow (the server refuses it before the engine; here it goes straight in), batched
+    # with sound requests, among them the edge cases fuzzing found: a seed beyond 64 bits, a temperature of 1e-300.
+    bad = SamplingParams(max_tokens=4, json_schema={"type": "foo"})
+    sound = [SamplingParams(max_tokens=6), SamplingParams(max_tokens=6, temperature=1.0, seed=2**64 + 5, n=2)]
+    sound.append(SamplingParams(max_tokens=6, temperature=1e-300))
+
+    async def scenario() -> list[Any]:
+        blocker = asyncio.create_task(engine.generate(HELLO, SamplingParams(max_tokens=30)))
+        await asyncio.sleep(0.2)  # the rest queue behind it and are taken as one batch
+        results = await asyncio.gather(*(engine.generate(HELLO, p) for p in [bad, *sound]), return_exceptions=True)
+        await blocker
+        return results
+
+    failed, *answered = asyncio.run(scenario())
+    assert isinstance(failed, ValueError), failed
+    assert all(not isinstance(a, BaseException) and a.text for a in answered), answered
+    assert answered[2].text == asyncio.run(engine.generate(HELLO, SamplingParams(max_tokens=6))).text  # greedy
+    assert re.search(r"generation failed for a batch of [2-9] requests", caplog.text)  # others did share its batch
 
 
 def test_prompt_too_long_is_an_engine_error(engine: TransformersEngine) -> None:

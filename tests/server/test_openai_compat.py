@@ -238,6 +238,8 @@ def test_required_with_refinement(smol_server: RunningServer, client: openai.Ope
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice"),
         ({"n": 100}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_bad_choices(smol_server: RunningServer, body: dict[str, Any], param: str) -> None:
@@ -248,6 +250,34 @@ def test_bad_choices(smol_server: RunningServer, body: dict[str, Any], param: st
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+# ---- logprobs ----
+
+
+def test_logprobs_of_the_returned_answer(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": smol_server.model, "messages": HELLO, "max_tokens": 12}
+    plain = client.chat.completions.create(**kwargs)
+    assert plain.choices[0].logprobs is None  # only when asked
+    result = client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=2)
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None and result.usage is not None
+    assert len(logprobs.content) == result.usage.completion_tokens
+    assert (
+        "".join(t.token for t in logprobs.content)
+        == result.choices[0].message.content
+        == plain.choices[0].message.content
+    )
+    for token in logprobs.content:
+        assert bytes(token.bytes or []) == token.token.encode() and token.logprob <= 0
+        assert len(token.top_logprobs) == 2 and token.top_logprobs[0].logprob == token.logprob  # greedy: a likeliest
+    # With refinement: the tokens of the round whose answer was returned; streamed: all on the finish chunk.
+    refined = client.chat.completions.create(**kwargs, logprobs=True, extra_body={"refine": "adaptive"})
+    refined_tokens = [t.token for t in refined.choices[0].logprobs.content]  # type: ignore[union-attr]
+    assert "".join(refined_tokens) == refined.choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [t for c in chunks for choice in c.choices if choice.logprobs for t in choice.logprobs.content or []]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in logprobs.content]
 
 
 # ---- n ----

@@ -22,6 +22,7 @@ from server.engine.transformers import TransformersEngine
 from server.engine.vllm import VllmEngine
 from tests.engine_contract import (
     HELLO,
+    check_logprobs,
     check_max_tokens_and_stop,
     check_seeded_sampling_is_reproducible_and_n_gives_distinct_samples,
 )
@@ -92,6 +93,10 @@ def test_generate_from_messages_and_from_token_ids(engine: VllmEngine) -> None:
     assert completion.finish_reason == "stop" and completion.stop_token_id is not None
     assert completion.stop_token_id not in completion.token_ids  # the end-of-turn token is reported apart
     assert engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True) == completion.text
+
+
+def test_logprobs(engine: VllmEngine) -> None:
+    check_logprobs(engine)
 
 
 def test_max_tokens_and_stop(engine: VllmEngine) -> None:
