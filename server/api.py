@@ -59,10 +59,7 @@ async def _finished_before_disconnect(request: Request, work: asyncio.Future[Any
     return not work.cancelled()
 
 
-async def _prepended(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    yield first
-    async for item in rest:
-        yield item
+_END = object()  # the end of a stream, in the queue between its producer and the response
 
 
 def _bearer_matches(request: Request, key: str) -> bool:
@@ -164,18 +161,50 @@ def create_app(
         plan = service.plan(body, refine)  # every check that can fail, before any work and before a stream starts
         request.state.log = plan.log
         if body.stream:
-            chunks = service.stream(plan)
-            # Admission (429 when too many wait, 504 past the deadline) comes before the first chunk: waiting for it
-            # here makes a refusal a plain HTTP error, not an event inside a 200 stream.
-            first = asyncio.ensure_future(anext(chunks))
-            if not await _finished_before_disconnect(request, first):
-                return client_went_away(request, plan)
-            # From here Starlette cancels the stream when the client goes away.
-            return StreamingResponse(sse(_prepended(first.result(), chunks)), media_type="text/event-stream")
+            return await streamed(request, plan)
         work = asyncio.ensure_future(service.complete(plan))
         if not await _finished_before_disconnect(request, work):
             return client_went_away(request, plan)
         return JSONResponse(work.result().to_json())
+
+    async def streamed(request: Request, plan: Plan) -> Response:
+        """The stream's chunks are produced in a task of their own, which holds the request's slot and deadline for
+        its whole life (an asyncio deadline belongs to one task). Admission (429 when too many wait, 504 past the
+        deadline) comes before the first chunk: waiting for that here makes a refusal a plain HTTP error, not an
+        event inside a 200 stream. After that, errors are events (sse); a client that goes away cancels the task."""
+        chunks: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def produce() -> None:
+            try:
+                async for chunk in service.stream(plan):
+                    chunks.put_nowait(chunk)
+            except Exception as exc:  # handed to the reader, which raises it where the response is being sent
+                chunks.put_nowait(exc)
+            else:
+                chunks.put_nowait(_END)
+
+        producer = asyncio.ensure_future(produce())
+        first = asyncio.ensure_future(chunks.get())
+        if not await _finished_before_disconnect(request, first):
+            producer.cancel()
+            return client_went_away(request, plan)
+        if isinstance(first.result(), Exception):
+            raise first.result()
+
+        async def relay() -> AsyncIterator[Any]:
+            item = first.result()
+            try:
+                while item is not _END:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+                    item = await chunks.get()
+            finally:
+                if not producer.done():  # Starlette stopped reading: the client went away
+                    producer.cancel()
+                    client_went_away(request, plan)
+
+        return StreamingResponse(sse(relay()), media_type="text/event-stream")
 
     def client_went_away(request: Request, plan: Plan) -> Response:
         service.metrics.cancelled.labels(request.state.model, "client_disconnect").inc()

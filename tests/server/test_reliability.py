@@ -201,6 +201,29 @@ def test_a_client_that_goes_away_stops_its_refinement(server: RunningServer) -> 
     assert short_request_is_quick(server) < 10  # no further round is running
 
 
+def test_a_stream_past_its_deadline_ends_with_a_timeout_event(server: RunningServer) -> None:
+    started = time.monotonic()
+    response = post(server, {**SLOW_REFINEMENT, "max_tokens": 400, "stream": True})
+    assert response.status_code == 200  # admitted at once; the deadline passes while it streams
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout", events[-3:]
+    assert 7 < time.monotonic() - started < 30
+    assert short_request_is_quick(server) < 10
+
+
+def test_a_stream_whose_client_goes_away_stops(server: RunningServer) -> None:
+    before = counter(server, "toolace_requests_cancelled", reason="client_disconnect")
+    body = {**SLOW_REFINEMENT, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, headers=server.headers, timeout=120) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the role chunk: the request is running; then hang up
+    deadline = time.monotonic() + 10
+    while counter(server, "toolace_requests_cancelled", reason="client_disconnect") == before:
+        assert time.monotonic() < deadline, "the disconnect was not noticed"
+        time.sleep(0.2)
+    assert short_request_is_quick(server) < 10  # no further round is running
+
+
 # ---- request ids and the access log ----
 
 
