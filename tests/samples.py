@@ -1,0 +1,15 @@
+"""Request pieces shared by the server tests of both engines."""
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+HELLO = [{"role": "user", "content": "Say hello in three words."}]
