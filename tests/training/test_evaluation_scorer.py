@@ -184,6 +184,9 @@ def test_report_table_curves_and_plots(tmp_path) -> None:
     assert "| Model | Refine | Simple | Irrelevance | Overall | Avg rounds |" in summary
     assert "| M | none | 50.00 | 100.00 | 75.00 | 0.00 |" in summary
     assert "| M | vanilla (3) | 100.00 | – | 100.00 | 3.00 |" in summary
+    # paired with `none` on shared questions: adaptive is right on 2 of the 4 simple ones, as `none` is
+    assert "| M | adaptive (≤3) | +0.0 (2 → 2 of 4) |" in summary
+    assert "| M | vanilla (3) | +50.0 (2 → 4 of 4) |" in summary
     curves = report.round_curves(report.load(tmp_path))
     assert curves[("M", "vanilla", 3)]["simple_python"] == [0.0, 100.0, 100.0, 100.0]
     # capped at r rounds, adaptive returns round min(stop, r): right only for odd i once r reaches 3

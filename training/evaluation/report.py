@@ -112,6 +112,21 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             + " | ".join([label, _mode_name(mode, iterations), *cells, f"{s['latency']:.1f}", f"{s['tokens']:.0f}"])
             + " |"
         )
+    pairs = paired(rows)
+    references = sorted({label for cells in pairs.values() for label in cells})
+    if references:
+        lines += [
+            "",
+            "Paired with each model's `none` run on the questions both answered (pooled over categories, so rows that "
+            "are still partial compare fairly): points gained, right answers of the `none` run → of this row, and "
+            "how many questions they share:",
+            "",
+            "| Model | Refine | " + " | ".join(f"vs {label}, none" for label in references) + " |",
+            "|" + "---|" * (len(references) + 2),
+        ]
+        for (label, mode, iterations), cells in pairs.items():
+            shown = [_paired_cell(*cells[r]) if r in cells else "–" for r in references]
+            lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *shown]) + " |")
     errors = _error_types(rows)
     if errors:
         lines += ["", "Most frequent error types:", "", "| Model | Refine | error type | count |", "|---|---|---|---|"]
@@ -119,6 +134,28 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             for error_type, count in counts[:5]:
                 lines.append(f"| {label} | {_mode_name(mode, iterations)} | `{error_type}` | {count} |")
     return "\n".join(lines) + "\n"
+
+
+def paired(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[int, int, int]]]:
+    """{group: {label of a `none` run: (questions both answered, that run's right answers, the group's)}}"""
+    answers: dict[tuple, dict[tuple[str, str], bool]] = defaultdict(dict)
+    for row in rows:
+        answers[_group_key(row)][(row["category"], row["id"])] = bool(row["valid"])
+    references = {key[0]: a for key, a in answers.items() if key[1] == "none"}
+    result = {}
+    for key in table(rows):  # the summary's row order
+        cells = {}
+        for label, reference in references.items():
+            shared = answers[key].keys() & reference.keys()
+            if key != (label, "none", None) and shared:
+                cells[label] = (len(shared), sum(reference[q] for q in shared), sum(answers[key][q] for q in shared))
+        if cells:
+            result[key] = cells
+    return result
+
+
+def _paired_cell(shared: int, reference_right: int, right: int) -> str:
+    return f"{100.0 * (right - reference_right) / shared:+.1f} ({reference_right} → {right} of {shared})"
 
 
 def _error_types(rows: list[dict[str, Any]]) -> dict[tuple, list[tuple[str, int]]]:
