@@ -138,7 +138,8 @@ class TransformersEngine:
         )
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else next(iter(self._eos_ids), 0)
-        self._adapters: dict[str, str] = {}
+        self._adapters: dict[str, str] = {}  # served name -> peft's name for it
+        self._loads = 0
         self._constraints = SchemaConstraints(self.tokenizer, self._eos_ids)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._queue: queue.Queue[_Job | _Command | None] = queue.Queue()
@@ -184,12 +185,15 @@ class TransformersEngine:
         def load() -> None:
             from peft import PeftModel
 
+            # peft names modules after the adapter and refuses "." (`qwen2.5-…`): it gets a name of its own
+            self._loads += 1
+            peft_name = f"adapter_{self._loads}"
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(path), adapter_name=name)
+                self.model.load_adapter(str(path), adapter_name=peft_name)
             else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=peft_name)
             self.model.eval()
-            self._adapters[name] = str(path)
+            self._adapters[name] = peft_name
             if self.prefix_cache:
                 self.prefix_cache.clear_adapter(name)
 
@@ -199,8 +203,7 @@ class TransformersEngine:
         def unload() -> None:
             if name not in self._adapters:
                 raise EngineError(f"adapter {name!r} is not loaded")
-            self.model.delete_adapter(name)
-            del self._adapters[name]
+            self.model.delete_adapter(self._adapters.pop(name))
             if self.prefix_cache:
                 self.prefix_cache.clear_adapter(name)
 
@@ -294,7 +297,7 @@ class TransformersEngine:
             return nullcontext()
         # peft's active adapter may be one unloaded since (loading another does not switch to it), and
         # disable_adapter looks the active one up: point it at a loaded adapter first, for base rows too.
-        self.model.set_adapter(adapter if adapter is not None else next(iter(self._adapters)))
+        self.model.set_adapter(self._adapters[adapter] if adapter is not None else next(iter(self._adapters.values())))
         return self.model.disable_adapter() if adapter is None else nullcontext()
 
     def _decode(self, jobs: list[_Job]) -> None:

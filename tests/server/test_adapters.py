@@ -25,6 +25,7 @@ from tests.conftest import SMOL, RunningServer, start_server
 
 ADMIN_KEY = "admin-key"
 PROMPT = [{"role": "user", "content": "Name a color."}]
+SHADE = "shade-0.5b.v2"  # hot-loaded; dots as in the names `toolace-r train` gives (peft refuses them in its own)
 
 
 def make_lora(
@@ -54,8 +55,8 @@ def layout(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     sha = model_store.EMBEDDED_MODELS[SMOL].sha256
     make_lora(smol_dir, root / "color", seed=1)
     write_manifest(root / "color", sha)
-    make_lora(smol_dir, root / "staging" / "shade", seed=2)  # not registered at start: a level too deep
-    write_manifest(root / "staging" / "shade", sha)
+    make_lora(smol_dir, root / "staging" / SHADE, seed=2)  # not registered at start: a level too deep
+    write_manifest(root / "staging" / SHADE, sha)
     shutil.copytree(root / "color", root / "foreign")
     write_manifest(root / "foreign", "0" * 64)  # trained on another base model
     shutil.copytree(root / "color", root / "pickled")
@@ -128,30 +129,30 @@ def test_routing_by_model_name(server: RunningServer) -> None:
 
 
 def test_hot_load_route_unload_reload(server: RunningServer) -> None:
-    loaded = admin(server, "load", {"lora_name": "shade", "lora_path": "staging/shade"})
+    loaded = admin(server, "load", {"lora_name": SHADE, "lora_path": f"staging/{SHADE}"})
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["rank"] == 8
-    assert "shade" in model_ids(server)
-    shade = answer(server, "shade")
+    assert SHADE in model_ids(server)
+    shade = answer(server, SHADE)
     assert shade not in (answer(server, SMOL), answer(server, "color"))
 
-    again = admin(server, "load", {"lora_name": "shade", "lora_path": "staging/shade"})
+    again = admin(server, "load", {"lora_name": SHADE, "lora_path": f"staging/{SHADE}"})
     assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
 
-    assert admin(server, "unload", {"lora_name": "shade"}).status_code == 200
-    assert "shade" not in model_ids(server)
+    assert admin(server, "unload", {"lora_name": SHADE}).status_code == 200
+    assert SHADE not in model_ids(server)
     gone = httpx.post(
         f"{server.v1}/chat/completions",
-        json={"model": "shade", "messages": PROMPT},
+        json={"model": SHADE, "messages": PROMPT},
         headers=server.headers,
         timeout=30,
     )
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
-    assert admin(server, "unload", {"lora_name": "shade"}).status_code == 404
+    assert admin(server, "unload", {"lora_name": SHADE}).status_code == 404
 
-    assert admin(server, "load", {"lora_name": "shade", "lora_path": "staging/shade"}).status_code == 200
-    assert answer(server, "shade") == shade  # the same weights give the same answer after a reload
-    assert admin(server, "unload", {"lora_name": "shade"}).status_code == 200
+    assert admin(server, "load", {"lora_name": SHADE, "lora_path": f"staging/{SHADE}"}).status_code == 200
+    assert answer(server, SHADE) == shade  # the same weights give the same answer after a reload
+    assert admin(server, "unload", {"lora_name": SHADE}).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -179,19 +180,19 @@ def test_bad_adapters_are_refused(server: RunningServer, lora_path: str, why: st
 def test_absolute_path_outside_the_root_is_refused(server: RunningServer, layout: dict[str, Path]) -> None:
     response = admin(server, "load", {"lora_name": "bad", "lora_path": str(layout["outside"] / "escaped")})
     assert response.status_code == 400 and "inside" in response.json()["error"]["message"]
-    inside = admin(server, "load", {"lora_name": "abs", "lora_path": str(layout["root"] / "staging" / "shade")})
+    inside = admin(server, "load", {"lora_name": "abs", "lora_path": str(layout["root"] / "staging" / SHADE)})
     assert inside.status_code == 200, inside.text  # an absolute path inside the root is fine
     assert admin(server, "unload", {"lora_name": "abs"}).status_code == 200
 
 
 def test_bad_names_are_refused(server: RunningServer) -> None:
     for name in ("../x", "", SMOL, "a" * 65):
-        response = admin(server, "load", {"lora_name": name, "lora_path": "staging/shade"})
+        response = admin(server, "load", {"lora_name": name, "lora_path": f"staging/{SHADE}"})
         assert response.status_code == 400 and response.json()["error"]["param"] == "lora_name", name
 
 
 def test_admin_routes_need_the_admin_key(server: RunningServer, smol_server: RunningServer) -> None:
-    body = {"lora_name": "shade", "lora_path": "staging/shade"}
+    body = {"lora_name": SHADE, "lora_path": f"staging/{SHADE}"}
     assert admin(server, "load", body, key="wrong").status_code == 401
     assert admin(server, "load", body, key=server.api_key).status_code == 401  # the API key is not the admin key
     off = admin(smol_server, "load", body)  # a server started without --admin-api-key
@@ -199,9 +200,9 @@ def test_admin_routes_need_the_admin_key(server: RunningServer, smol_server: Run
 
 
 def test_concurrent_requests_to_base_and_adapters_keep_their_own_outputs(server: RunningServer) -> None:
-    assert admin(server, "load", {"lora_name": "shade", "lora_path": "staging/shade"}).status_code == 200
+    assert admin(server, "load", {"lora_name": SHADE, "lora_path": f"staging/{SHADE}"}).status_code == 200
     try:
-        expected = {model: answer(server, model) for model in (SMOL, "color", "shade")}
+        expected = {model: answer(server, model) for model in (SMOL, "color", SHADE)}
 
         async def all_at_once() -> list[tuple[str, str]]:
             async with httpx.AsyncClient(headers=server.headers, timeout=300) as client:
@@ -212,12 +213,12 @@ def test_concurrent_requests_to_base_and_adapters_keep_their_own_outputs(server:
                     assert response.status_code == 200, response.text
                     return model, response.json()["choices"][0]["message"]["content"]
 
-                return await asyncio.gather(*(one(m) for m in [SMOL, "color", "shade"] * 3))
+                return await asyncio.gather(*(one(m) for m in [SMOL, "color", SHADE] * 3))
 
         results = asyncio.run(all_at_once())
         assert all(text == expected[model] for model, text in results), results
     finally:
-        admin(server, "unload", {"lora_name": "shade"})
+        admin(server, "unload", {"lora_name": SHADE})
     assert "adapter color unloaded" in server.log()  # one slot (--max-loaded-adapters 1): LRU evictions happened
 
 
@@ -243,8 +244,8 @@ def test_engine_serves_the_base_after_unload_then_load(smol_dir: Path, layout: d
         engine = TransformersEngine(smol_dir, max_batch_size=2)
         try:
             base = await engine.generate(PROMPT, SamplingParams(max_tokens=6))
-            await engine.load_adapter("shade", layout["root"] / "staging" / "shade")
-            await engine.unload_adapter("shade")
+            await engine.load_adapter(SHADE, layout["root"] / "staging" / SHADE)
+            await engine.unload_adapter(SHADE)
             assert (await engine.generate(PROMPT, SamplingParams(max_tokens=6))).text == base.text  # no adapter left
             await engine.load_adapter("color", layout["root"] / "color")
             assert (await engine.generate(PROMPT, SamplingParams(max_tokens=6))).text == base.text
