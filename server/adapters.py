@@ -219,7 +219,7 @@ class AdapterRegistry:
             return
         for path in sorted(p for p in self.root.iterdir() if p.is_dir()):
             try:
-                self._register(path.name, path)
+                self._register(path.name, path.name)  # relative to the root, as an admin load gives it
             except AdapterError as exc:
                 log.warning("adapter %s skipped: %s", path.name, exc)
 

@@ -21,7 +21,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import model_store
-from tests.conftest import SMOL, RunningServer, start_server
+from tests.conftest import REPO, SMOL, RunningServer, start_server
 
 ADMIN_KEY = "admin-key"
 PROMPT = [{"role": "user", "content": "Name a color."}]
@@ -79,7 +79,7 @@ def server(layout: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         SMOL,
         tmp_path_factory.mktemp("adapter-logs"),
         "--adapters-dir",
-        str(layout["root"]),
+        os.path.relpath(layout["root"], REPO),  # relative, as the default `adapters` is
         "--admin-api-key",
         ADMIN_KEY,
         "--max-loaded-adapters",
