@@ -11,6 +11,7 @@ server sends at inference.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -142,11 +143,14 @@ def load_bfcl(category: str, *, allow_eval_categories: bool = False) -> list[Sam
     truth = {row["id"]: row["ground_truth"] for row in _jsonl(answers)} if answers.exists() else {}
     if not truth and "irrelevance" not in category:
         raise FileNotFoundError(f"BFCL {category!r} has no possible answers ({answers})")
+    leaked = frozenset() if allow_eval_categories else evaluation_questions()
     samples = []
     for row in _jsonl(question):
         turns = row["question"]
         if len(turns) != 1:  # multi-turn categories need an environment; single-turn only here
             continue
+        if leaked.intersection(_user_texts(turns)):
+            continue  # the same question is in an evaluation category (a few live_irrelevance ones are)
         try:
             calls = tuple(_bfcl_call(item) for item in truth.get(row["id"], []))
         except ValueError:  # a few exec answers are expressions (`p=1/6`) or positional: no literal target
@@ -154,6 +158,29 @@ def load_bfcl(category: str, *, allow_eval_categories: bool = False) -> list[Sam
         tools = tuple({"type": "function", "function": bfcl_function_to_openai(f)} for f in row["function"])
         samples.append(Sample(row["id"], f"bfcl:{category}", tuple(turns[0]), tools, calls))
     return samples
+
+
+@functools.lru_cache(maxsize=1)
+def evaluation_questions() -> frozenset[str]:
+    """Every user turn of the evaluation categories, normalised (lower case, single spaces)."""
+    root = bfcl_data_dir()
+    texts: set[str] = set()
+    for category in EVAL_CATEGORIES:
+        for path in (
+            root / f"BFCL_v4_{category}.json",
+            root / "unused_datasets" / "question" / f"BFCL_v4_{category}.json",
+        ):
+            if path.exists():
+                texts.update(text for row in _jsonl(path) for text in _user_texts(row["question"]))
+    return frozenset(texts)
+
+
+def _user_texts(question: Any) -> Iterable[str]:
+    """The user turns of a BFCL question (turns of messages; `chatable` has messages without turns), normalised."""
+    for turn in question:
+        for message in turn if isinstance(turn, list) else [turn]:
+            if isinstance(message, dict) and message.get("role") == "user":
+                yield " ".join(str(message.get("content")).lower().split())
 
 
 def _bfcl_call(item: Any) -> GroundTruthCall:
