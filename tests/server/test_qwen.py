@@ -103,3 +103,21 @@ def test_parallel_tool_calls_false_holds(qwen: openai.OpenAI) -> None:
     # under test is one call, to an offered tool, with arguments that parse.
     assert calls[0].function.name in {t["function"]["name"] for t in TOOLS}
     assert isinstance(json.loads(calls[0].function.arguments), dict)
+
+
+SHIPPED_ADAPTER = "qwen2.5-coder-0.5b-toolace-r"  # adapters/ in the repository: the Qwen training run's result
+
+
+def test_the_shipped_adapter_is_served_by_name(qwen: openai.OpenAI, request: pytest.FixtureRequest) -> None:
+    assert SHIPPED_ADAPTER in {m.id for m in qwen.models.list().data}  # registered from ./adapters at start
+    result = qwen.chat.completions.create(
+        model=SHIPPED_ADAPTER,
+        messages=[{"role": "user", "content": "Compute 5 factorial."}],
+        tools=TOOLS,
+        extra_body={"refine": "adaptive"},
+    )
+    assert result.model == SHIPPED_ADAPTER
+    if request.node.callspec.params["qwen"] == "pythonic":  # the prompt format it was trained on
+        (call,) = result.choices[0].message.tool_calls or []
+        assert call.function.name == "math.factorial"
+        assert json.loads(call.function.arguments) == {"number": 5}
