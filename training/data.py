@@ -132,14 +132,9 @@ def load_bfcl(category: str, *, allow_eval_categories: bool = False) -> list[Sam
     """One BFCL category. Irrelevance categories have no answer file: their ground truth is "no call"."""
     if category in EVAL_CATEGORIES and not allow_eval_categories:
         raise ValueError(f"BFCL {category!r} is an evaluation category: training on it would leak the benchmark")
-    root = bfcl_data_dir()
-    question = root / f"BFCL_v4_{category}.json"
-    answers = root / "possible_answer" / f"BFCL_v4_{category}.json"
+    question, answers = _bfcl_files(category)
     if not question.exists():
-        question = root / "unused_datasets" / "question" / f"BFCL_v4_{category}.json"
-        answers = root / "unused_datasets" / "possible_answer" / f"BFCL_v4_{category}.json"
-    if not question.exists():
-        raise FileNotFoundError(f"no BFCL category {category!r} under {root}")
+        raise FileNotFoundError(f"no BFCL category {category!r} under {bfcl_data_dir()}")
     truth = {row["id"]: row["ground_truth"] for row in _jsonl(answers)} if answers.exists() else {}
     if not truth and "irrelevance" not in category:
         raise FileNotFoundError(f"BFCL {category!r} has no possible answers ({answers})")
@@ -162,17 +157,22 @@ def load_bfcl(category: str, *, allow_eval_categories: bool = False) -> list[Sam
 
 @functools.lru_cache(maxsize=1)
 def evaluation_questions() -> frozenset[str]:
-    """Every user turn of the evaluation categories, normalised (lower case, single spaces)."""
-    root = bfcl_data_dir()
+    """Every user turn of the evaluation categories, normalised (`normalised_question`)."""
     texts: set[str] = set()
     for category in EVAL_CATEGORIES:
-        for path in (
-            root / f"BFCL_v4_{category}.json",
-            root / "unused_datasets" / "question" / f"BFCL_v4_{category}.json",
-        ):
-            if path.exists():
-                texts.update(text for row in _jsonl(path) for text in _user_texts(row["question"]))
+        question, _ = _bfcl_files(category)
+        if question.exists():
+            texts.update(text for row in _jsonl(question) for text in _user_texts(row["question"]))
     return frozenset(texts)
+
+
+def _bfcl_files(category: str) -> tuple[Path, Path]:
+    """A category's questions and possible answers: in bfcl_eval's data, or among its unused datasets."""
+    root = bfcl_data_dir()
+    name = f"BFCL_v4_{category}.json"
+    if (root / name).exists():
+        return root / name, root / "possible_answer" / name
+    return root / "unused_datasets" / "question" / name, root / "unused_datasets" / "possible_answer" / name
 
 
 def _user_texts(question: Any) -> Iterable[str]:
@@ -180,7 +180,12 @@ def _user_texts(question: Any) -> Iterable[str]:
     for turn in question:
         for message in turn if isinstance(turn, list) else [turn]:
             if isinstance(message, dict) and message.get("role") == "user":
-                yield " ".join(str(message.get("content")).lower().split())
+                yield normalised_question(str(message.get("content")))
+
+
+def normalised_question(text: str) -> str:
+    """Lower case, single spaces: how a training question is compared with the evaluation's."""
+    return " ".join(text.lower().split())
 
 
 def _bfcl_call(item: Any) -> GroundTruthCall:
