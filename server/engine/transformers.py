@@ -2,7 +2,8 @@
 
 Requests queue up; the worker takes up to `max_batch_size` rows that use the same adapter, prefills them
 together, then decodes step by step, dropping rows from the batch as they finish so that short answers return
-at once. The model never runs on the event loop.
+at once; requests that arrive meanwhile are prefilled and join the running batch in the freed rows, so that a
+long answer does not hold up the queue behind it. The model never runs on the event loop.
 
 Two things make refinement rounds cheap (both exact: the text is what plain greedy decoding gives):
 - prefix reuse: a prompt that starts like an earlier sequence (the previous round) reuses its KV cache
@@ -143,6 +144,10 @@ class TransformersEngine:
         self._constraints = SchemaConstraints(self.tokenizer, self._eos_ids)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._queue: queue.Queue[_Job | _Command | None] = queue.Queue()
+        # the worker thread's own: jobs not yet in a batch, commands to run between batches, shutdown asked
+        self._waiting: deque[_Job] = deque()
+        self._commands: deque[_Command] = deque()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="toolace-engine", daemon=True)
         self._thread.start()
 
@@ -222,26 +227,32 @@ class TransformersEngine:
     # ---- worker thread ----
 
     def _run(self) -> None:
-        waiting: deque[_Job] = deque()
         while True:
-            block = not waiting  # sleep on the queue only when there is nothing to do
-            while True:
-                try:
-                    item = self._queue.get(block=block)
-                except queue.Empty:
-                    break
-                block = False
-                if item is None:
-                    for job in waiting:
-                        _resolve(job.loop, job.future, EngineError("the engine is shutting down"), error=True)
-                    return
-                if isinstance(item, _Command):
-                    self._run_command(item)
-                else:
-                    waiting.append(item)
-            batch = self._take_batch(waiting)
+            self._pull(block=not self._waiting and not self._commands)  # sleep only when there is nothing to do
+            while self._commands:
+                self._run_command(self._commands.popleft())
+            if self._closing:
+                for job in self._waiting:
+                    _resolve(job.loop, job.future, EngineError("the engine is shutting down"), error=True)
+                return
+            batch = self._take_batch(self._waiting)
             if batch:
                 self._run_batch(batch)
+
+    def _pull(self, block: bool) -> None:
+        """Move everything queued to the waiting jobs and pending commands; with `block`, wait for one item."""
+        while True:
+            try:
+                item = self._queue.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                self._closing = True
+            elif isinstance(item, _Command):
+                self._commands.append(item)
+            else:
+                self._waiting.append(item)
 
     def _run_command(self, command: _Command) -> None:
         try:
@@ -269,6 +280,23 @@ class TransformersEngine:
                 skipped.append(job)
         waiting.extendleft(reversed(skipped))
         return batch
+
+    def _admit(self, adapter: str | None, free_rows: int) -> list[_Job]:
+        """Waiting jobs that may join a running batch: oldest first, on its adapter, while its free rows last.
+        Strictly in order, so that a job on another adapter (or a pending adapter command) is never overtaken
+        for long: the batch then stops admitting, drains, and the next one starts with it."""
+        self._pull(block=False)
+        admitted: list[_Job] = []
+        while self._waiting and not self._commands and not self._closing:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                continue
+            if job.adapter != adapter or job.params.n > free_rows:
+                break
+            admitted.append(self._waiting.popleft())
+            free_rows -= job.params.n
+        return admitted
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         try:
@@ -301,15 +329,10 @@ class TransformersEngine:
         return self.model.disable_adapter() if adapter is None else nullcontext()
 
     def _decode(self, jobs: list[_Job]) -> None:
-        cache, attention, logits, rows, emitted = self._prefill(jobs)
+        """Decode a batch to its end. Jobs that arrive meanwhile join it in the rows finished ones free (continuous
+        batching), so one long answer does not hold up requests queued behind it; `jobs` grows as they join."""
+        cache, attention, rows, next_tokens = self._start(jobs)
         rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
-        next_tokens: list[int] = []
-        for row, tokens in zip(rows, emitted, strict=True):
-            for token in tokens:
-                self._advance(row, token)
-                if row.finish_reason is not None:
-                    break
-            next_tokens.append(tokens[-1])
         while True:
             done = [row.finish_reason is not None for row in rows]
             for row in (r for r, d in zip(rows, done, strict=True) if d):
@@ -325,6 +348,14 @@ class TransformersEngine:
                 cache.batch_select_indices(index)
                 attention = attention[index]
                 rows, next_tokens = [rows[i] for i in keep], [next_tokens[i] for i in keep]
+            joining = self._admit(jobs[0].adapter, self.max_batch_size - len(rows))
+            if joining:
+                jobs += joining
+                new_cache, new_attention, new_rows, new_next = self._start(joining)
+                rows_of.update({id(job): [row for row in new_rows if row.job is job] for job in joining})
+                cache, attention = _stack(cache, attention, new_cache, new_attention)
+                rows, next_tokens = rows + new_rows, next_tokens + new_next
+                continue  # a joining row may be finished already
             attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             positions = torch.tensor([[row.position] for row in rows], dtype=torch.long)
             for row, token in zip(rows, next_tokens, strict=True):
@@ -340,11 +371,20 @@ class TransformersEngine:
             for row, token in zip(rows, next_tokens, strict=True):
                 self._advance(row, token)
 
-    def _prefill(
-        self, jobs: list[_Job]
-    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, list[_Row], list[list[int]]]:
+    def _start(self, jobs: list[_Job]) -> tuple[DynamicCache, torch.Tensor, list[_Row], list[int]]:
+        """Prefill jobs and take in the tokens that pass emits. Returns their cache, its attention mask, one row
+        per sample, and each row's next token to feed."""
+        cache, attention, rows, emitted = self._prefill(jobs)
+        for row, tokens in zip(rows, emitted, strict=True):
+            for token in tokens:
+                self._advance(row, token)
+                if row.finish_reason is not None:
+                    break
+        return cache, attention, rows, [tokens[-1] for tokens in emitted]
+
+    def _prefill(self, jobs: list[_Job]) -> tuple[DynamicCache, torch.Tensor, list[_Row], list[list[int]]]:
         """One forward pass over every job's uncached prompt tokens (and draft). Returns the batch cache, its
-        attention mask, the last logits, one row per sample, and the tokens each row emits from this pass."""
+        attention mask, one row per sample, and the tokens each row emits from this pass."""
         reused = [self._lookup_prefix(job) for job in jobs]
         cached = [length for _, length in reused]
         fresh = [job.prompt_ids[c:] + job.draft for job, c in zip(jobs, cached, strict=True)]
@@ -381,7 +421,7 @@ class TransformersEngine:
         for r, row in enumerate(rows):
             if row.job.draft:
                 emitted[r] = self._verify_draft(row, logits[r], attention[r])
-        return cache, attention, logits[:, -1, :], rows, emitted
+        return cache, attention, rows, emitted
 
     def _matcher(self, params: SamplingParams) -> LLMatcher | None:
         return self._constraints.matcher(params.json_schema) if params.json_schema is not None else None
@@ -550,6 +590,25 @@ class TransformersEngine:
         )
         job.finished = True
         _resolve(job.loop, job.future, generation)
+
+
+def _stack(
+    cache_a: DynamicCache, attention_a: torch.Tensor, cache_b: DynamicCache, attention_b: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """One batch of two: each cache right-aligned in the wider one's width, the gap masked out on the left."""
+    width = max(attention_a.shape[1], attention_b.shape[1])
+
+    def left_pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(tensor.shape)
+        shape[dim] = width - shape[dim]
+        return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+    cache = DynamicCache()
+    for layer, (a, b) in enumerate(zip(cache_a.layers, cache_b.layers, strict=True)):
+        keys = torch.cat([left_pad(a.keys, 2), left_pad(b.keys, 2)])
+        values = torch.cat([left_pad(a.values, 2), left_pad(b.values, 2)])
+        cache.update(keys, values, layer)
+    return cache, torch.cat([left_pad(attention_a, 1), left_pad(attention_b, 1)])
 
 
 def _sample_numbers(jobs: list[_Job]) -> list[int]:

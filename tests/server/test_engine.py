@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.engine import EngineError, SamplingParams
+from server.engine import EngineError, Generation, SamplingParams
 from server.engine.transformers import TransformersEngine
 from tests.engine_contract import (
     HELLO,
@@ -89,6 +89,29 @@ def test_cancelled_request_frees_the_engine(engine: TransformersEngine) -> None:
         return quick.text
 
     assert asyncio.run(scenario())
+
+
+# An answer that cannot end early: the schema holds back the end of the array for 40 numbers (80+ tokens).
+LONG_ANSWER = SamplingParams(max_tokens=60, json_schema={"type": "array", "items": {"type": "integer"}, "minItems": 40})
+
+
+def test_a_request_arriving_mid_batch_joins_it(engine: TransformersEngine) -> None:
+    """Continuous batching: a short request sent while a long answer is being decoded is answered before that
+    answer ends (it used to wait for the whole batch), and gets the text it gets alone."""
+
+    async def scenario() -> tuple[str, bool, Generation]:
+        started = asyncio.Event()
+        long = asyncio.create_task(engine.generate(HELLO, LONG_ANSWER, on_text=lambda _: started.set()))
+        await started.wait()  # its batch is decoding
+        quick = await engine.generate(HELLO, SamplingParams(max_tokens=6))
+        long_still_running = not long.done()
+        return quick.text, long_still_running, await long
+
+    quick, long_still_running, long = asyncio.run(scenario())
+    assert long_still_running, "the short request waited for the long answer to finish"
+    assert long.completion_tokens == 60 and long.text.startswith("[")
+    alone = asyncio.run(engine.generate(HELLO, SamplingParams(max_tokens=6))).text
+    assert quick[:8] == alone[:8], (quick, alone)  # bf16 with left padding: see the concurrent-requests test
 
 
 def test_a_failing_request_fails_alone(engine: TransformersEngine, caplog: pytest.LogCaptureFixture) -> None:
