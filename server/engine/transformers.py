@@ -124,6 +124,7 @@ class TransformersEngine:
         dtype: str = "bfloat16",
         num_threads: int | None = None,
         prefix_cache_tokens: int = 65536,
+        continuous_batching: bool = True,  # False: a batch admits nobody until it ends (the benchmark's baseline)
     ) -> None:
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.model_dir = Path(model_dir)
@@ -134,6 +135,7 @@ class TransformersEngine:
         config_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_model_len = min(config_len, max_model_len) if max_model_len else config_len
         self.max_batch_size = max_batch_size
+        self.continuous_batching = continuous_batching
         self._eos_ids = eos_token_ids(
             self.tokenizer, [getattr(self.model, "generation_config", None), self.model.config]
         )
@@ -348,7 +350,7 @@ class TransformersEngine:
                 cache.batch_select_indices(index)
                 attention = attention[index]
                 rows, next_tokens = [rows[i] for i in keep], [next_tokens[i] for i in keep]
-            joining = self._admit(jobs[0].adapter, self.max_batch_size - len(rows))
+            joining = self._admit(jobs[0].adapter, self.max_batch_size - len(rows)) if self.continuous_batching else []
             if joining:
                 jobs += joining
                 new_cache, new_attention, new_rows, new_next = self._start(joining)
