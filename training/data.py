@@ -356,21 +356,61 @@ def load_chat_jsonl(path: str | Path, *, source: str | None = None) -> list[Samp
 
 
 def load_source(spec: Mapping[str, Any]) -> list[Sample]:
-    """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path};
-    optional `limit` (a seeded random subset)."""
+    """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path} |
+    {type: mismatched, of: <another entry>}; optional `limit` (a seeded random subset)."""
     kind = spec.get("type")
-    if kind == "bfcl":
+    if kind == "mismatched":
+        samples = mismatched(load_source(spec["of"]))
+    elif kind == "bfcl":
         samples = load_bfcl(spec["category"])
     elif kind == "nestful":
         samples = load_nestful(spec["subset"], distractors=int(spec.get("distractors", 3)))
     elif kind == "chat_jsonl":
         samples = load_chat_jsonl(spec["path"], source=spec.get("name"))
     else:
-        raise ValueError(f"unknown data source type {kind!r} (bfcl, nestful, chat_jsonl)")
+        raise ValueError(f"unknown data source type {kind!r} (bfcl, nestful, chat_jsonl, mismatched)")
     if spec.get("limit") is not None:
-        samples = seeded_shuffle(samples, f"limit:{kind}:{spec.get('category') or spec.get('subset') or ''}")
+        what = (
+            spec.get("category") or spec.get("subset") or (spec["of"].get("category") if kind == "mismatched" else "")
+        )
+        samples = seeded_shuffle(samples, f"limit:{kind}:{what or ''}")
         samples = samples[: int(spec["limit"])]
     return samples
+
+
+def mismatched(samples: Sequence[Sample]) -> list[Sample]:
+    """Negatives like BFCL's irrelevance questions: each calling sample's question offered another sample's tools,
+    which share no name and no content word with it (so they cannot do what it asks); the right answer is no call.
+    The no-call samples of BFCL live_irrelevance are mostly near misses in the question's own domain; without these,
+    a model trained to call the one offered function calls it however unrelated it is (RESULTS.md, run 3)."""
+    calling = [s for s in samples if s.ground_truth]
+    donors = [(d, content_words(json.dumps(d.tools))) for d in seeded_shuffle(calling, "mismatched")]
+    out = []
+    for i, sample in enumerate(calling):
+        words = content_words(sample.query) | content_words(json.dumps(sample.tools))
+        donor = next((d for d, theirs in donors[i:] + donors[:i] if d is not sample and not words & theirs), None)
+        if donor is not None:
+            out.append(
+                Sample(f"{sample.id}~{donor.id}", f"{sample.source}:mismatched", sample.messages, donor.tools, ())
+            )
+    return out
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-case words of four letters or more, camelCase and snake_case names split (`getWeather` → get, weather)."""
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", text)
+    return {w for w in re.findall(r"[a-z]{4,}", spaced.lower()) if w not in _UNINFORMATIVE_WORDS}
+
+
+# Words that say nothing about what a tool does: JSON-schema vocabulary and common English
+_UNINFORMATIVE_WORDS = frozenset(
+    (  # noqa: SIM905 - a word list reads better as words
+        "type function name description parameters properties required string integer number boolean object array "
+        "items enum default null format optional with from that this what which when where will would could should "
+        "have been were your their there about into than then them they also some such each more most only other "
+        "over used using given value values like want need please tell give find show know does make just very"
+    ).split()
+)
 
 
 def seeded_shuffle(samples: Sequence[Sample], salt: str) -> list[Sample]:

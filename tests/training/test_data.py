@@ -14,6 +14,7 @@ from training.data import (
     GroundTruthCall,
     Nested,
     Sample,
+    content_words,
     evaluation_questions,
     load_bfcl,
     load_chat_jsonl,
@@ -61,6 +62,24 @@ def test_bfcl_irrelevance_has_no_calls_and_exec_answers_parse() -> None:
     assert exec_simple[0].ground_truth[0] == GroundTruthCall(
         "calc_binomial_probability", {"n": (20,), "k": (5,), "p": (0.6,)}
     )
+
+
+def test_mismatched_offers_each_question_unrelated_tools_and_expects_no_call() -> None:
+    source = {"type": "bfcl", "category": "live_simple"}
+    originals = {s.id: s for s in load_source(source)}
+    negatives = load_source({"type": "mismatched", "of": source})
+    assert len(negatives) > 0.9 * len(originals)  # nearly every question finds unrelated tools
+    for negative in negatives:
+        own_id, donor_id = negative.id.split("~")
+        own, donor = originals[own_id], originals[donor_id]
+        assert own_id != donor_id and negative.messages == own.messages and negative.tools == donor.tools
+        assert not negative.ground_truth and negative.target() == NO_CALL_ANSWER
+        assert not content_words(own.query) & content_words(json.dumps(donor.tools))
+    weather = "What's the weather like in Boston today?"
+    assert {"weather", "boston", "today"} <= content_words(weather)
+    assert {"weather", "current"} <= content_words('{"name": "getCurrentWeather"}')  # camelCase split, no "name"
+    limited = load_source({"type": "mismatched", "of": source, "limit": 20})
+    assert len(limited) == 20 and limited == load_source({"type": "mismatched", "of": source, "limit": 20})
 
 
 def test_every_loaded_target_matches_its_own_ground_truth() -> None:
