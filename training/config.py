@@ -23,7 +23,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Each: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path}, optional `limit`.
+    # Each: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path} | {type: mismatched, of: <one of
+    # these>}, optional `limit` (training/data.py: load_source).
     sources: list[dict[str, Any]] = field(default_factory=list)
     heldout: int = 50  # samples held out (never trained on) to score each iteration
     max_train_samples: int | None = None  # the training pool, after the held-out slice
