@@ -370,12 +370,14 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
     else:
         raise ValueError(f"unknown data source type {kind!r} (bfcl, nestful, chat_jsonl, mismatched)")
     if spec.get("limit") is not None:
-        what = (
-            spec.get("category") or spec.get("subset") or (spec["of"].get("category") if kind == "mismatched" else "")
-        )
-        samples = seeded_shuffle(samples, f"limit:{kind}:{what or ''}")
+        samples = seeded_shuffle(samples, f"limit:{kind}:{_dataset_name(spec)}")
         samples = samples[: int(spec["limit"])]
     return samples
+
+
+def _dataset_name(spec: Mapping[str, Any]) -> str:
+    """The category or subset a source entry reads (that of its `of` for a derived source), or ""."""
+    return spec.get("category") or spec.get("subset") or (_dataset_name(spec["of"]) if "of" in spec else "")
 
 
 def mismatched(samples: Sequence[Sample]) -> list[Sample]:
@@ -388,7 +390,9 @@ def mismatched(samples: Sequence[Sample]) -> list[Sample]:
     out = []
     for i, sample in enumerate(calling):
         words = content_words(sample.query) | content_words(json.dumps(sample.tools))
-        donor = next((d for d, theirs in donors[i:] + donors[:i] if d is not sample and not words & theirs), None)
+        # start at a different place in the shuffled donors for each question, so that donors vary
+        ring = (donors[(i + j) % len(donors)] for j in range(len(donors)))
+        donor = next((d for d, theirs in ring if d is not sample and not words & theirs), None)
         if donor is not None:
             out.append(
                 Sample(f"{sample.id}~{donor.id}", f"{sample.source}:mismatched", sample.messages, donor.tools, ())

@@ -4,7 +4,8 @@ Mixed traffic as an inference server sees it: most requests want a short answer,
 of 40 numbers that the schema keeps from ending early). All are sent at once, `--concurrency` at a time, to one
 engine with continuous batching and then to one without; both engines are built in this one process and run the
 same requests in the same order. Reported: wall time, completion tokens per second, and the latency of the short
-requests (p50 / p95), plus the ratios (without / with).
+requests (p50 / p95), plus the gains of continuous batching: its throughput over the static one's, and the static
+short-request p50 over its own.
 
     .venv/bin/python tests/bench/bench_continuous_batching.py --requests 48 --concurrency 8 --out /tmp/cb.json
 """
