@@ -174,7 +174,9 @@ def test_report_table_curves_and_plots(tmp_path) -> None:
         # adaptive stops at round 1 for even i; for odd i it runs to the cap and the last round is right
         hv = [False, False] if i % 2 == 0 else [False, False, False, True]
         rows.append(_row("adaptive", "simple_python", i, hv[-1], rounds=len(hv) - 1, history_valid=hv))
-        rows.append(_row("vanilla", "simple_python", i, True, rounds=3, history_valid=[False, True, True, True]))
+        # vanilla's last round is always right; the majority of rounds 1..3 only for even i
+        hv, mv = ([False, True, True, True],) * 2 if i % 2 == 0 else ([False, False, False, True], [False] * 4)
+        rows.append(_row("vanilla", "simple_python", i, True, rounds=3, history_valid=hv, history_majority_valid=mv))
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn": ')
     written = report.write_report(tmp_path)
@@ -187,7 +189,10 @@ def test_report_table_curves_and_plots(tmp_path) -> None:
     # paired with `none` on shared questions: adaptive is right on 2 of the 4 simple ones, as `none` is
     assert "| M | adaptive (≤3) | +0.0 (2 → 2 of 4) |" in summary
     assert "| M | vanilla (3) | +50.0 (2 → 4 of 4) |" in summary
-    curves = report.round_curves(report.load(tmp_path))
-    assert curves[("M", "vanilla", 3)]["simple_python"] == [0.0, 100.0, 100.0, 100.0]
+    # the same rounds give self-consistency's row: the majority answer
+    assert "| M | self_consistency from vanilla (3) | 50.00 | – | 50.00 | 3.00 |" in summary
+    curves = report.round_curves(report.with_self_consistency_from_vanilla(report.load(tmp_path)))
+    assert curves[("M", "vanilla", 3)]["simple_python"] == [0.0, 50.0, 50.0, 100.0]
+    assert curves[("M", report.SC_FROM_VANILLA, 3)]["simple_python"] == [0.0, 50.0, 50.0, 50.0]
     # capped at r rounds, adaptive returns round min(stop, r): right only for odd i once r reaches 3
     assert curves[("M", "adaptive", 3)]["simple_python"] == [0.0, 0.0, 0.0, 50.0]

@@ -50,6 +50,21 @@ def load(out: Path) -> list[dict[str, Any]]:
     return _dedupe(list(read_rows(Path(out) / RESULTS_FILE)))
 
 
+# Vanilla and self-consistency send the same requests, so the server runs the same rounds for both; they differ only
+# in the answer returned (the last round's, or the majority of rounds 1..n). A vanilla row keeps the score of that
+# majority too, so one vanilla run also gives a self-consistency row, named as such.
+SC_FROM_VANILLA = "self_consistency from vanilla"
+
+
+def with_self_consistency_from_vanilla(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    derived = [
+        {**row, "mode": SC_FROM_VANILLA, "valid": row["history_majority_valid"][-1], "error_type": None}
+        for row in rows
+        if row["mode"] == "vanilla" and row.get("history_majority_valid")
+    ]
+    return rows + derived
+
+
 def table(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """{(label, mode, iterations): {"acc": {category: %}, "n": {category: count}, "overall", "rounds"}}"""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -161,7 +176,7 @@ def _paired_cell(shared: int, reference_right: int, right: int) -> str:
 def _error_types(rows: list[dict[str, Any]]) -> dict[tuple, list[tuple[str, int]]]:
     counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in rows:
-        if not row["valid"]:
+        if not row["valid"] and row["mode"] != SC_FROM_VANILLA:  # its answer is one of the vanilla row's rounds
             counts[_group_key(row)][row.get("error_type") or "unknown"] += 1
     return {k: sorted(v.items(), key=lambda kv: -kv[1]) for k, v in counts.items()}
 
@@ -189,7 +204,7 @@ def round_curves(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float
             stop = len(hv) - 1
             if mode == "adaptive":
                 points = [hv[min(stop, r)] for r in range(n + 1)]
-            elif mode == "self_consistency":
+            elif mode in ("self_consistency", SC_FROM_VANILLA):
                 points = [mv[min(stop, r)] for r in range(n + 1)]
             else:
                 points = [hv[min(stop, r)] for r in range(n + 1)]
@@ -218,7 +233,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     cols = 3
     rows_n = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.3 * rows_n), squeeze=False)
-    styles = {"vanilla": "o-", "self_consistency": "s--", "adaptive": "^-."}
+    styles = {"vanilla": "o-", "self_consistency": "s--", SC_FROM_VANILLA: "s:", "adaptive": "^-."}
     for ax, panel in zip(axes.flat, panels, strict=False):
         for (label, mode, n), result in sorted(curves.items()):
             if panel in result:
@@ -284,7 +299,7 @@ def plot_distribution(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def write_report(out: Path) -> list[Path]:
     out = Path(out)
-    rows = load(out)
+    rows = with_self_consistency_from_vanilla(load(out))
     if not rows:
         return []
     written = []
