@@ -34,6 +34,7 @@ import torch
 from llguidance import LLMatcher
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from server.engine import grouped_attention
 from server.engine.base import (
     ChatMessage,
     Completion,
@@ -125,12 +126,18 @@ class TransformersEngine:
         num_threads: int | None = None,
         prefix_cache_tokens: int = 65536,
         continuous_batching: bool = True,  # False: a batch admits nobody until it ends (the benchmark's baseline)
+        attn_implementation: str | None = None,  # None: grouped_attention's; "sdpa": transformers' (a baseline)
     ) -> None:
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype))
+        grouped_attention.register()
+        self.model: Any = AutoModelForCausalLM.from_pretrained(
+            self.model_dir,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation or grouped_attention.NAME,
+        )
         self.model.eval()
         config_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_model_len = min(config_len, max_model_len) if max_model_len else config_len
