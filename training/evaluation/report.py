@@ -202,13 +202,8 @@ def round_curves(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float
         for row in members:
             hv, mv = row["history_valid"], row.get("history_majority_valid") or row["history_valid"]
             stop = len(hv) - 1
-            if mode == "adaptive":
-                points = [hv[min(stop, r)] for r in range(n + 1)]
-            elif mode in ("self_consistency", SC_FROM_VANILLA):
-                points = [mv[min(stop, r)] for r in range(n + 1)]
-            else:
-                points = [hv[min(stop, r)] for r in range(n + 1)]
-            per_category[row["category"]].append(points)
+            scores = mv if mode in ("self_consistency", SC_FROM_VANILLA) else hv
+            per_category[row["category"]].append([scores[min(stop, r)] for r in range(n + 1)])
         result = {}
         for category, lists in per_category.items():
             result[category] = [100.0 * sum(p[r] for p in lists) / len(lists) for r in range(n + 1)]
