@@ -33,6 +33,7 @@ from safetensors import safe_open
 from server.engine import Engine, EngineError
 from server.errors import APIError, BadRequest, NotFound
 from server.model_store import SOURCE_FILE
+from server.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ class AdapterInfo:
     path: Path
     rank: int
     manifest: dict[str, Any] | None
+
+    @property
+    def prompt_format(self) -> PromptFormat | None:
+        """The prompt the adapter was trained on (its manifest's `prompt_format`): it is served with that one."""
+        value = (self.manifest or {}).get("prompt_format")
+        return PromptFormat(value) if value in {f.value for f in PromptFormat} else None
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,9 @@ class AdapterRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._known)
+
+    def info(self, name: str) -> AdapterInfo | None:
+        return self._known.get(name)
 
     def loaded(self) -> list[str]:
         return list(self._loaded)

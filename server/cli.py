@@ -22,6 +22,7 @@ from typing import Any
 
 from server import model_store
 from server.engine import ENGINES
+from server.engine.dtypes import DTYPES
 from server.limits import Limits
 from server.prompts import PromptFormat
 
@@ -77,7 +78,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     p.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together by the engine")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="model weights on the CPU")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="model weights on the CPU; auto: bfloat16 where the CPU computes it natively, else float32",
+    )
     p.add_argument("--default-temperature", type=float, default=0.0, help="used when a request sets none")
     p.add_argument("--default-max-tokens", type=int, default=512, help="used when a request sets none")
     p.add_argument(

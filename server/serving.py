@@ -204,7 +204,7 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] if use_tools else None
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         try:
-            prompt = build_prompt(messages, tools, self.config.prompt_format)
+            prompt = build_prompt(messages, tools, self.prompt_format(adapter))
         except ValueError as exc:  # e.g. an assistant tool call whose arguments are not a JSON object
             raise BadRequest(str(exc), param="messages") from exc
         params = self._sampling(request)
@@ -216,6 +216,11 @@ class ChatService:
         if "max_refine_iterations" not in request.model_fields_set:
             max_rounds = min(max_rounds, self.config.limits.max_refine_iterations)
         return Plan(request, request.model, adapter, mode, max_rounds, prompt, params, use_tools, start, log_fields)
+
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        """An adapter is served in the format it was trained in (its manifest); the base model in the server's."""
+        info = self.adapters.info(adapter) if self.adapters and adapter else None
+        return (info.prompt_format if info else None) or self.config.prompt_format
 
     def _route(self, model: str) -> str | None:
         """The adapter a model name routes to (None for the base model); 404 for an unknown name."""

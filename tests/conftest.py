@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -99,6 +100,14 @@ def stopped_after(
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     return model_store.prepare(SMOL)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer() -> Any:
+    """The embedded default model's tokenizer (its chat template renders tools and tool results)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_store.prepare(model_store.DEFAULT_MODEL))
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,18 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from server.prompts import PromptFormat
 
 
 @dataclass
 class ModelConfig:
     base: str = "default"  # an embedded model name ("default" = Qwen2.5-Coder-0.5B-Instruct) or a HF checkpoint dir
-    generate_dtype: str = "bfloat16"  # weights of the engine that samples and evaluates
+    generate_dtype: str = "auto"  # weights of the engine that samples and evaluates (server/engine/dtypes.py)
     max_batch_size: int = 8  # rows the engine decodes together
 
 
@@ -29,6 +32,9 @@ class DataConfig:
     heldout: int = 50  # samples held out (never trained on) to score each iteration
     max_train_samples: int | None = None  # the training pool, after the held-out slice
     max_prompt_tokens: int = 1536  # samples whose prompt is longer are dropped (before the split)
+    # Calling samples of the pool continued after a tool result, written and filtered by the base model before the
+    # first selection (training/followups.py): the answer in words, or the remaining calls. 0: none.
+    followups: int = 0
     seed: int = 0
 
 
@@ -66,7 +72,8 @@ class SFTConfig:
     micro_batch_size: int = 4  # rows per forward pass per device
     epochs: int = 1  # per iteration
     max_seq_len: int = 2048  # longer examples are dropped, never truncated (a cut target teaches garbage)
-    mixed_precision: str = "bf16"  # fp32 weights, bf16 autocast (CPU and GPU); "no" for plain fp32
+    # fp32 weights; "bf16": bf16 autocast; "no": plain fp32; "auto": bf16 where the device computes it natively
+    mixed_precision: str = "auto"
     checkpoint_every_steps: int = 5  # optimizer steps between resumable checkpoints
     seed: int = 0
 
@@ -92,6 +99,9 @@ class TrainConfig:
     output_dir: str = "adapters"  # the adapter lands in <output_dir>/<name>/
     run_dir: str | None = None  # state, data and checkpoints; default $TOOLACE_R_HOME/runs/<name>
     output_dtype: str = "bfloat16"  # of the published adapter weights (training keeps fp32 masters)
+    # The prompt the adapter is trained on, and so served with (its manifest says which): `pythonic` (the paper's
+    # system prompt, `[f(a=1)]`) or `native` (the model's own chat template with `tools`, `<tool_call>` blocks).
+    prompt_format: str = "pythonic"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -121,6 +131,11 @@ class TrainConfig:
             raise KeyError(f"unknown config field {dotted!r}")
         setattr(target, leaf, value)
 
+    def format(self) -> PromptFormat:
+        from server.prompts import PromptFormat
+
+        return PromptFormat(self.prompt_format)
+
     def resolved_run_dir(self) -> Path:
         if self.run_dir:
             return Path(self.run_dir).expanduser()
@@ -138,6 +153,8 @@ class TrainConfig:
             raise ValueError("selection.k and refine.k must be at least 1")
         if self.sft.global_batch_size % self.sft.micro_batch_size:
             raise ValueError("sft.global_batch_size must be a multiple of sft.micro_batch_size")
+        if self.prompt_format not in ("pythonic", "native"):
+            raise ValueError(f"prompt_format {self.prompt_format!r}: choose pythonic or native")
         if not self.name or os.sep in self.name:
             raise ValueError(f"name {self.name!r} must be a plain directory name")
 

@@ -5,8 +5,8 @@ Loaders for the formats that ship in packages (see ../shared/RESOURCES.md):
 - nestful / glaive-style `{"input", "output": [{"name", "arguments", "label"}]}` with a separate tool spec file;
 - OpenAI chat JSONL: `{"messages": [...], "tools": [...]}` whose last assistant turn (with `tool_calls`) is the answer.
 
-Prompts are built with `server.prompts.build_prompt` (pythonic format), so the model is trained on exactly what the
-server sends at inference.
+Prompts are built with `server.prompts.build_prompt` in the run's prompt format, so the model is trained on exactly
+what the server sends at inference.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.prompts import PromptFormat, build_prompt
+from server.prompts import Prompt, PromptFormat, build_prompt
 from server.toolcalls import ToolCall, parse_answer, render_hermes, render_pythonic
 
 # BFCL categories the project evaluates on (training/evaluation/): never train on them. `chatable` repeats
@@ -88,23 +88,27 @@ class Sample:
     tools: tuple[dict[str, Any], ...]  # OpenAI tools: {"type": "function", "function": {...}}
     ground_truth: tuple[GroundTruthCall, ...]  # empty: the right answer calls nothing
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    answer: str | None = None  # the target in words when nothing is to be called (default: NO_CALL_ANSWER)
 
     @property
     def query(self) -> str:
         return next((str(m.get("content") or "") for m in reversed(self.messages) if m["role"] == "user"), "")
 
-    def prompt_messages(self) -> list[dict[str, Any]]:
-        """The chat messages the server would hand the model for this conversation (pythonic format)."""
-        return list(build_prompt(self.messages, self.tools, PromptFormat.PYTHONIC).messages)
+    def prompt(self, fmt: PromptFormat = PromptFormat.PYTHONIC) -> Prompt:
+        """What the server would hand the model for this conversation in `fmt` (messages, plus tools for native)."""
+        return build_prompt(self.messages, self.tools, fmt)
 
-    def target(self) -> str:
-        """The training target: the ground-truth calls as the server expects the model to write them."""
+    def target(self, fmt: PromptFormat = PromptFormat.PYTHONIC) -> str:
+        """The training target: the ground-truth calls as the server expects the model to write them in `fmt`."""
         if not self.ground_truth:
-            return NO_CALL_ANSWER
-        return render_calls([call.preferred() for call in self.ground_truth])
+            return self.answer or NO_CALL_ANSWER
+        return render_calls([call.preferred() for call in self.ground_truth], fmt)
 
 
-def render_calls(calls: Sequence[ToolCall]) -> str:
+def render_calls(calls: Sequence[ToolCall], fmt: PromptFormat = PromptFormat.PYTHONIC) -> str:
+    """Calls as the model writes them: `<tool_call>` blocks as Qwen's template renders them (native), or `[f(a=1)]`."""
+    if fmt is PromptFormat.NATIVE:
+        return render_hermes(calls)
     try:
         return render_pythonic(calls)
     except ValueError:  # a name Python cannot spell: the server renders (and parses) the hermes form then
@@ -114,65 +118,39 @@ def render_calls(calls: Sequence[ToolCall]) -> str:
 # ---- BFCL ----
 
 
-def bfcl_data_dir() -> Path:
-    spec = importlib.util.find_spec("bfcl_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "bfcl_eval is not installed: pip install --no-deps bfcl-eval==2026.3.23 "
-            "tree_sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4 tenacity filelock"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def load_bfcl(category: str, *, allow_eval_categories: bool = False) -> list[Sample]:
-    """One BFCL category. Irrelevance categories have no answer file: their ground truth is "no call"."""
+    """One BFCL category, its functions converted to `tools` exactly as the evaluation sends them (one converter,
+    `training.evaluation.bfcl.openai_tools`: an adapter is trained on the prompt it is served). Irrelevance
+    categories have no answer file: their ground truth is "no call"."""
+    from training.evaluation import bfcl
+
     if category in EVAL_CATEGORIES and not allow_eval_categories:
         raise ValueError(f"BFCL {category!r} is an evaluation category: training on it would leak the benchmark")
-    question, answers = _bfcl_files(category)
-    if not question.exists():
-        raise FileNotFoundError(f"no BFCL category {category!r} under {bfcl_data_dir()}")
-    truth = {row["id"]: row["ground_truth"] for row in _jsonl(answers)} if answers.exists() else {}
-    if not truth and "irrelevance" not in category:
-        raise FileNotFoundError(f"BFCL {category!r} has no possible answers ({answers})")
     leaked = frozenset() if allow_eval_categories else evaluation_questions()
     samples = []
-    for row in _jsonl(question):
-        turns = row["question"]
-        if len(turns) != 1:  # multi-turn categories need an environment; single-turn only here
-            continue
-        if leaked.intersection(_user_texts(turns)):
+    for question in bfcl.load_category(category):
+        if leaked.intersection(_user_texts([question.messages])):
             continue  # the same question is in an evaluation category (a few live_irrelevance ones are)
         try:
-            calls = tuple(_bfcl_call(item) for item in truth.get(row["id"], []))
+            calls = tuple(_bfcl_call(item) for item in question.ground_truth or [])
         except ValueError:  # a few exec answers are expressions (`p=1/6`) or positional: no literal target
             continue
-        tools = tuple({"type": "function", "function": bfcl_function_to_openai(f)} for f in row["function"])
-        samples.append(Sample(row["id"], f"bfcl:{category}", tuple(turns[0]), tools, calls))
+        tools = tuple(bfcl.openai_tools(question.functions))
+        samples.append(Sample(question.id, f"bfcl:{category}", tuple(question.messages), tools, calls))
     return samples
 
 
 @functools.lru_cache(maxsize=1)
 def evaluation_questions() -> frozenset[str]:
     """Every user turn of the evaluation categories, normalised (`normalised_question`)."""
-    texts: set[str] = set()
-    for category in EVAL_CATEGORIES:
-        question, _ = _bfcl_files(category)
-        if question.exists():
-            texts.update(text for row in _jsonl(question) for text in _user_texts(row["question"]))
-    return frozenset(texts)
+    from training.evaluation import bfcl
 
-
-def _bfcl_files(category: str) -> tuple[Path, Path]:
-    """A category's questions and possible answers: in bfcl_eval's data, or among its unused datasets."""
-    root = bfcl_data_dir()
-    name = f"BFCL_v4_{category}.json"
-    if (root / name).exists():
-        return root / name, root / "possible_answer" / name
-    return root / "unused_datasets" / "question" / name, root / "unused_datasets" / "possible_answer" / name
+    return frozenset(
+        text
+        for category in EVAL_CATEGORIES
+        for row in bfcl.read_rows(category)
+        for text in _user_texts(row["question"])
+    )
 
 
 def _user_texts(question: Any) -> Iterable[str]:
@@ -207,40 +185,6 @@ def _bfcl_values(values: list[Any]) -> tuple[Any, ...]:
         else value
         for value in values
     )
-
-
-# BFCL writes Python-ish type names; OpenAI clients (and so the server's prompt) use JSON Schema.
-_BFCL_TYPES = {
-    "dict": "object",
-    "float": "number",
-    "tuple": "array",
-    "list": "array",
-    "any": "string",
-    "bool": "boolean",
-    "int": "integer",
-    "str": "string",
-}
-
-
-def bfcl_function_to_openai(function: Mapping[str, Any]) -> dict[str, Any]:
-    """A BFCL function doc as an OpenAI function (JSON Schema types), as a client would send it to the server."""
-
-    def schema(node: Any) -> Any:
-        if isinstance(node, list):
-            return [schema(item) for item in node]
-        if not isinstance(node, Mapping):
-            return node
-        out = {}
-        for key, value in node.items():
-            if key == "type" and isinstance(value, str):
-                out[key] = _BFCL_TYPES.get(value, value)
-            elif key == "properties" and isinstance(value, Mapping):
-                out[key] = {name: schema(prop) for name, prop in value.items()}
-            else:
-                out[key] = schema(value)
-        return out
-
-    return schema(dict(function))
 
 
 # ---- nestful / glaive-style ----
@@ -333,6 +277,10 @@ def nestful_function_to_openai(function: Mapping[str, Any]) -> dict[str, Any]:
 # ---- OpenAI chat JSONL ----
 
 
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def load_chat_jsonl(path: str | Path, *, source: str | None = None) -> list[Sample]:
     """Lines `{"messages": [...], "tools": [...]}`; the last assistant message is the answer (its `tool_calls`, or
     none: then the right answer is not to call). `id` is used when present."""
@@ -356,11 +304,25 @@ def load_chat_jsonl(path: str | Path, *, source: str | None = None) -> list[Samp
 
 
 def load_source(spec: Mapping[str, Any]) -> list[Sample]:
-    """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path} |
-    {type: mismatched, of: <another entry>}; optional `limit` (a seeded random subset)."""
+    """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path}, or one
+    made from others (`of`: an entry or a list of entries): {type: mismatched}, {type: without_called},
+    {type: composed_parallel, count}, {type: masked, fraction} (training/augment.py); optional `limit` (a seeded
+    random subset)."""
+    from training import augment
+
     kind = spec.get("type")
+    derived = {"mismatched", "without_called", "composed_parallel", "masked"}
+    if kind in derived:
+        parents = spec["of"] if isinstance(spec["of"], list) else [spec["of"]]
+        base = [sample for parent in parents for sample in load_source(parent)]
     if kind == "mismatched":
-        samples = mismatched(load_source(spec["of"]))
+        samples = mismatched(base)
+    elif kind == "without_called":
+        samples = augment.without_called(base)
+    elif kind == "composed_parallel":
+        samples = augment.composed_parallel(base, int(spec["count"]))
+    elif kind == "masked":
+        samples = augment.masked_fraction(base, float(spec.get("fraction", 1.0)))
     elif kind == "bfcl":
         samples = load_bfcl(spec["category"])
     elif kind == "nestful":
@@ -368,7 +330,7 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
     elif kind == "chat_jsonl":
         samples = load_chat_jsonl(spec["path"], source=spec.get("name"))
     else:
-        raise ValueError(f"unknown data source type {kind!r} (bfcl, nestful, chat_jsonl, mismatched)")
+        raise ValueError(f"unknown data source type {kind!r} (bfcl, nestful, chat_jsonl, {', '.join(sorted(derived))})")
     if spec.get("limit") is not None:
         samples = seeded_shuffle(samples, f"limit:{kind}:{_dataset_name(spec)}")
         samples = samples[: int(spec["limit"])]
@@ -376,8 +338,11 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
 
 
 def _dataset_name(spec: Mapping[str, Any]) -> str:
-    """The category or subset a source entry reads (that of its `of` for a derived source), or ""."""
-    return spec.get("category") or spec.get("subset") or (_dataset_name(spec["of"]) if "of" in spec else "")
+    """The category or subset a source entry reads (those of its `of` for a derived source), or ""."""
+    if "of" in spec:
+        parents = spec["of"] if isinstance(spec["of"], list) else [spec["of"]]
+        return "+".join(_dataset_name(parent) for parent in parents)
+    return spec.get("category") or spec.get("subset") or ""
 
 
 def mismatched(samples: Sequence[Sample]) -> list[Sample]:
@@ -412,7 +377,8 @@ _UNINFORMATIVE_WORDS = frozenset(
         "type function name description parameters properties required string integer number boolean object array "
         "items enum default null format optional with from that this what which when where will would could should "
         "have been were your their there about into than then them they also some such each more most only other "
-        "over used using given value values like want need please tell give find show know does make just very"
+        "over used using given value values like want need please tell give find show know does make just very "
+        "note provided python syntax"  # BFCL's hint on every description (training.evaluation.bfcl.openai_tools)
     ).split()
 )
 

@@ -1,5 +1,5 @@
-"""The held-out score of one model: greedy answers through the engine with the server's pythonic prompt, scored
-by exact match (`max_differing_values=0`, every value acceptable) and by the paper's ≈ (at most one wrong value).
+"""The held-out score of one model: greedy answers through the engine with the server's prompt (the run's format),
+scored by exact match (`max_differing_values=0`, every value acceptable) and by the paper's ≈ (at most one wrong value).
 
 This is the loop's own quick check on data from the training sources that is never trained on; the BFCL benchmark
 evaluation lives in `training/evaluation/`."""
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base import Engine, SamplingParams
+from server.prompts import PromptFormat
 from training.config import EvalConfig
 from training.data import Sample
 from training.matching import answer_matches
@@ -23,6 +24,7 @@ async def evaluate(
     config: EvalConfig,
     records_path: Path,
     *,
+    fmt: PromptFormat = PromptFormat.PYTHONIC,
     adapter: str | None = None,
     desc: str = "eval",
     progress: bool = True,
@@ -31,7 +33,8 @@ async def evaluate(
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
 
     async def one(sample: Sample) -> dict[str, Any]:
-        generation = await engine.generate(engine.encode_chat(sample.prompt_messages()), params, adapter=adapter)
+        prompt = sample.prompt(fmt)
+        generation = await engine.generate(engine.encode_chat(prompt.messages, prompt.tools), params, adapter=adapter)
         text = generation.text
         return {
             "answer": text,

@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from server.engine.base import encode_chat
+from server.prompts import Prompt
 from training.config import TrainConfig
 from training.data import Sample, load_source, split
 from training.refine_data import Example, build_refine_examples, direct_examples
@@ -67,7 +69,8 @@ def load_data(config: TrainConfig, tokenizer: Any) -> RunData:
     samples: list[Sample] = []
     for source in config.data.sources:
         samples += load_source(source)
-    kept = [s for s in samples if _prompt_tokens(tokenizer, s) <= config.data.max_prompt_tokens]
+    fmt = config.format()
+    kept = [s for s in samples if _prompt_tokens(tokenizer, s.prompt(fmt)) <= config.data.max_prompt_tokens]
     parts = split(kept, config.data.heldout, config.data.max_train_samples, config.data.seed)
     per_source: dict[str, int] = {}
     for s in parts.train:
@@ -75,9 +78,8 @@ def load_data(config: TrainConfig, tokenizer: Any) -> RunData:
     return RunData(parts.train, parts.heldout, len(samples) - len(kept), per_source)
 
 
-def _prompt_tokens(tokenizer: Any, sample: Sample) -> int:
-    text = tokenizer.apply_chat_template(sample.prompt_messages(), add_generation_prompt=True, tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
+def _prompt_tokens(tokenizer: Any, prompt: Prompt) -> int:
+    return len(encode_chat(tokenizer, prompt.messages, prompt.tools))
 
 
 class Run:
@@ -197,6 +199,8 @@ class Run:
         )
         self._save_state()
         try:
+            if cfg.data.followups:
+                data.train += self._followups(data.train, AutoTokenizer.from_pretrained(self.base_dir))
             if "baseline" not in self.state:
                 self.state["baseline"] = self._main_only(lambda: self._evaluate(data.heldout, None, "baseline"))
                 self._save_state()
@@ -302,6 +306,7 @@ class Run:
                 pool,
                 self.config.selection,
                 work / "select.jsonl",
+                fmt=self.config.format(),
                 adapter=name,
                 iteration=t,
                 progress=self.progress,
@@ -319,7 +324,7 @@ class Run:
 
         selection = read_records(work / "select.jsonl")
         chosen = [s for s in pool if selection[s.id]["selected"]]
-        examples = direct_examples(chosen)
+        examples = direct_examples(chosen, self.config.format())
         summary = {"direct": len(examples), "refine_stop": 0, "refine_fix": 0, "refine_fix_rejected": 0}
         if self.config.refine.enabled:
             engine, name = self._engine_for(adapter)
@@ -331,6 +336,7 @@ class Run:
                     self.config.refine,
                     self.config.selection,
                     work / "refine.jsonl",
+                    fmt=self.config.format(),
                     adapter=name,
                     iteration=t,
                     progress=self.progress,
@@ -348,6 +354,27 @@ class Run:
         tmp.replace(work / "examples.jsonl")
         return summary
 
+    def _followups(self, pool: list[Sample], tokenizer: Any) -> list[Sample]:
+        """The follow-up samples (made once, with the base model, before iteration 1; cached in the run directory)."""
+        from training.followups import followup_samples, write_followups
+
+        path, count = self.dir / "followups.jsonl", self.config.data.followups
+        if self.dist.is_main_process:
+            engine, _ = self._engine_for(None)
+            asyncio.run(write_followups(engine, pool, count, path, progress=self.progress))
+        self.dist.wait_for_everyone()
+        made = followup_samples(pool, count, path)
+        fmt = self.config.format()
+        kept = [s for s in made if _prompt_tokens(tokenizer, s.prompt(fmt)) <= self.config.data.max_prompt_tokens]
+        kinds: dict[str, int] = {}
+        for sample in kept:
+            kind = sample.source.rsplit(":", 1)[-1]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        self.state["data"]["followups"] = {"asked": self.config.data.followups, **kinds}
+        self._save_state()
+        log.info("follow-up samples added to the pool: %s", kinds)
+        return kept
+
     def _evaluate(self, heldout: list[Sample], adapter: Path | None, label: str) -> dict[str, Any]:
         from training.heldout import evaluate
 
@@ -355,7 +382,14 @@ class Run:
         path = self.dir / label / "heldout.jsonl" if label == "baseline" else adapter.parent / "heldout.jsonl"  # type: ignore[union-attr]
         return asyncio.run(
             evaluate(
-                engine, heldout, self.config.eval, path, adapter=name, desc=f"eval {label}", progress=self.progress
+                engine,
+                heldout,
+                self.config.eval,
+                path,
+                fmt=self.config.format(),
+                adapter=name,
+                desc=f"eval {label}",
+                progress=self.progress,
             )
         )
 
@@ -419,7 +453,7 @@ class Run:
                 "iteration": final["iteration"],
                 "lora": {"r": cfg.sft.lora_r, "alpha": cfg.sft.lora_alpha, "target_modules": cfg.sft.target_modules},
             },
-            "prompt_format": "pythonic",
+            "prompt_format": cfg.prompt_format,
             "method": "ToolACE-R model-aware iterative training: pass@k selection, self-refine data, LoRA SFT",
             "config": cfg.to_dict(),
             "data": self.state.get("data"),

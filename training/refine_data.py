@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base import Engine, SamplingParams
-from server.prompts import REFINE_PROMPT
+from server.prompts import Prompt, PromptFormat
 from training.config import RefineConfig, SelectionConfig
 from training.data import Sample
 from training.matching import answer_matches
@@ -24,32 +24,40 @@ from training.select import sample_answers, sample_seed
 
 @dataclass(frozen=True)
 class Example:
-    """One SFT example: the chat messages before the answer, and the answer the model must learn to write."""
+    """One SFT example: the chat messages before the answer (and the tools the native template renders), and the
+    answer the model must learn to write."""
 
     id: str
     messages: tuple[dict[str, Any], ...]
     target: str
-    kind: str  # "direct" | "refine_stop" | "refine_fix"
+    kind: str  # "direct" | "refine_stop" | "refine_fix" | "followup_answer" | ...
+    tools: tuple[dict[str, Any], ...] | None = None
+
+    @classmethod
+    def of(cls, id: str, prompt: Prompt, target: str, kind: str) -> Example:
+        return cls(id, prompt.messages, target, kind, prompt.tools)
+
+    @property
+    def prompt(self) -> Prompt:
+        return Prompt(self.messages, self.tools)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "messages": list(self.messages), "target": self.target, "kind": self.kind}
+        data = {"id": self.id, "messages": list(self.messages), "target": self.target, "kind": self.kind}
+        return data | ({"tools": list(self.tools)} if self.tools else {})
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Example:
-        return cls(data["id"], tuple(data["messages"]), data["target"], data["kind"])
+        tools = tuple(data["tools"]) if data.get("tools") else None
+        return cls(data["id"], tuple(data["messages"]), data["target"], data["kind"], tools)
 
 
-def refine_messages(sample: Sample, previous_answer: str) -> list[dict[str, Any]]:
+def refine_prompt(sample: Sample, previous_answer: str, fmt: PromptFormat) -> Prompt:
     """The context of a refine round, exactly as the server builds it (`Prompt.with_refinement`)."""
-    return [
-        *sample.prompt_messages(),
-        {"role": "assistant", "content": previous_answer},
-        {"role": "user", "content": REFINE_PROMPT},
-    ]
+    return sample.prompt(fmt).with_refinement(previous_answer)
 
 
-def direct_examples(samples: Sequence[Sample]) -> list[Example]:
-    return [Example(s.id, tuple(s.prompt_messages()), s.target(), "direct") for s in samples]
+def direct_examples(samples: Sequence[Sample], fmt: PromptFormat) -> list[Example]:
+    return [Example.of(s.id, s.prompt(fmt), s.target(fmt), "direct") for s in samples]
 
 
 async def build_refine_examples(
@@ -60,6 +68,7 @@ async def build_refine_examples(
     selection_config: SelectionConfig,
     records_path: Path,
     *,
+    fmt: PromptFormat = PromptFormat.PYTHONIC,
     adapter: str | None = None,
     iteration: int = 0,
     progress: bool = True,
@@ -77,9 +86,9 @@ async def build_refine_examples(
             seed=sample_seed(selection_config.seed, "refine", iteration, sample.id),
             n=config.k,
         )
-        answers = await sample_answers(engine, refine_messages(sample, first), params, adapter)
+        answers = await sample_answers(engine, refine_prompt(sample, first, fmt), params, adapter)
         kept = any(answer_matches(a, sample.ground_truth, config.max_differing_values) for a in answers)
-        return {"kind": "refine_fix", "first": first, "target": sample.target(), "kept": kept, "answers": answers}
+        return {"kind": "refine_fix", "first": first, "target": sample.target(fmt), "kept": kept, "answers": answers}
 
     records = await map_resumable(
         selected,
@@ -92,7 +101,7 @@ async def build_refine_examples(
     )
     by_id = {s.id: s for s in selected}
     return [
-        Example(f"{sid}#refine", tuple(refine_messages(by_id[sid], r["first"])), r["target"], r["kind"])
+        Example.of(f"{sid}#refine", refine_prompt(by_id[sid], r["first"], fmt), r["target"], r["kind"])
         for sid, r in records.items()
         if r["kept"]
     ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base import Engine, SamplingParams
+from server.prompts import Prompt, PromptFormat
 from training.config import SelectionConfig
 from training.data import Sample
 from training.matching import answer_matches
@@ -24,13 +25,8 @@ def sample_seed(base: int, *parts: object) -> int:
     return int(digest[:8], 16)
 
 
-async def sample_answers(
-    engine: Engine,
-    messages: Sequence[dict[str, Any]],
-    params: SamplingParams,
-    adapter: str | None,
-) -> list[str]:
-    generation = await engine.generate(engine.encode_chat(messages), params, adapter=adapter)
+async def sample_answers(engine: Engine, prompt: Prompt, params: SamplingParams, adapter: str | None) -> list[str]:
+    generation = await engine.generate(engine.encode_chat(prompt.messages, prompt.tools), params, adapter=adapter)
     return [completion.text for completion in generation.completions]
 
 
@@ -40,6 +36,7 @@ async def select(
     config: SelectionConfig,
     records_path: Path,
     *,
+    fmt: PromptFormat = PromptFormat.PYTHONIC,
     adapter: str | None = None,
     iteration: int = 0,
     progress: bool = True,
@@ -54,7 +51,7 @@ async def select(
             seed=sample_seed(config.seed, "select", iteration, sample.id),
             n=config.k,
         )
-        answers = await sample_answers(engine, sample.prompt_messages(), params, adapter)
+        answers = await sample_answers(engine, sample.prompt(fmt), params, adapter)
         matched = [answer_matches(a, sample.ground_truth, config.max_differing_values) for a in answers]
         return {"answers": answers, "matched": matched, "selected": any(matched)}
 

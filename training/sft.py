@@ -41,7 +41,11 @@ class Encoded:
 
 
 def encode_example(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], target: str, max_seq_len: int | None = None
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    target: str,
+    max_seq_len: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> Encoded | None:
     """Tokenize a conversation plus its target answer; None when it exceeds `max_seq_len` (never truncated).
 
@@ -49,8 +53,10 @@ def encode_example(
     extra special tokens), and the answer separately after it, so that training sees the token boundary that
     generation sees. The answer includes the template's end-of-turn token: the model learns to stop."""
     messages = [dict(m) for m in messages]
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": target}], tokenize=False)
+    tools = list(tools) if tools else None
+    prompt_text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    answer = {"role": "assistant", "content": target}
+    full_text = tokenizer.apply_chat_template([*messages, answer], tools=tools, tokenize=False)
     if full_text.startswith(prompt_text):
         completion_text = full_text[len(prompt_text) :].rstrip()  # the newline after end-of-turn is never generated
     else:  # a template that rewrites earlier turns: fall back to the answer plus the eos token
@@ -153,10 +159,12 @@ def train_lora(
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
 
     started = time.monotonic()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
+    )
     set_seed(config.seed + seed_salt)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    encoded = [encode_example(tokenizer, e.messages, e.target, config.max_seq_len) for e in examples]
+    encoded = [encode_example(tokenizer, e.messages, e.target, config.max_seq_len, e.tools) for e in examples]
     rows = [e for e in encoded if e is not None]
     if not rows:
         raise ValueError("no training example fits sft.max_seq_len")
@@ -243,6 +251,15 @@ def train_lora(
         shutil.rmtree(checkpoint, ignore_errors=True)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _mixed_precision(setting: str) -> str:
+    """`auto`: bf16 autocast where bfloat16 is native (GPUs, AVX-512 BF16 / AMX CPUs), plain fp32 elsewhere."""
+    if setting != "auto":
+        return setting
+    from server.engine.dtypes import resolve_dtype
+
+    return "bf16" if resolve_dtype("auto") == "bfloat16" else "no"
 
 
 def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[float], path: Path) -> None:

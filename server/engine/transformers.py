@@ -49,6 +49,7 @@ from server.engine.base import (
     seed_for,
 )
 from server.engine.constrained import SchemaConstraints, mask_disallowed
+from server.engine.dtypes import resolve_dtype
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class TransformersEngine:
         model_name: str | None = None,
         max_batch_size: int = 8,
         max_model_len: int | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",  # server/engine/dtypes.py
         num_threads: int | None = None,
         prefix_cache_tokens: int = 65536,
         continuous_batching: bool = True,  # False: a batch admits nobody until it ends (the benchmark's baseline)
@@ -135,7 +136,7 @@ class TransformersEngine:
         grouped_attention.register()
         self.model: Any = AutoModelForCausalLM.from_pretrained(
             self.model_dir,
-            dtype=getattr(torch, dtype),
+            dtype=getattr(torch, resolve_dtype(dtype)),
             attn_implementation=attn_implementation or grouped_attention.NAME,
         )
         self.model.eval()

@@ -41,8 +41,8 @@ def make_lora(
     get_peft_model(base, config).save_pretrained(out)  # safetensors by default
 
 
-def write_manifest(adapter: Path, sha256: str) -> None:
-    manifest = {"name": adapter.name, "base_model": {"name": SMOL, "sha256": sha256}}
+def write_manifest(adapter: Path, sha256: str, **fields: Any) -> None:
+    manifest = {"name": adapter.name, "base_model": {"name": SMOL, "sha256": sha256}, **fields}
     (adapter / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -57,6 +57,8 @@ def layout(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     write_manifest(root / "color", sha)
     make_lora(smol_dir, root / "staging" / SHADE, seed=2)  # not registered at start: a level too deep
     write_manifest(root / "staging" / SHADE, sha)
+    shutil.copytree(root / "color", root / "native-color")
+    write_manifest(root / "native-color", sha, prompt_format="native")  # trained on the model's own template
     shutil.copytree(root / "color", root / "foreign")
     write_manifest(root / "foreign", "0" * 64)  # trained on another base model
     shutil.copytree(root / "color", root / "pickled")
@@ -115,7 +117,7 @@ def model_ids(server: RunningServer) -> dict[str, Any]:
 
 def test_start_registers_only_adapters_for_this_base(server: RunningServer) -> None:
     models = model_ids(server)
-    assert set(models) == {SMOL, "color"}
+    assert set(models) == {SMOL, "color", "native-color"}
     assert models["color"].model_extra["parent"] == SMOL
     log = server.log()
     for rejected in ("foreign", "pickled", "wide", "misshapen", "link", "linked-file"):
@@ -126,6 +128,22 @@ def test_routing_by_model_name(server: RunningServer) -> None:
     base, color = answer(server, SMOL), answer(server, "color")
     assert base != color
     assert answer(server, SMOL) == base and answer(server, "color") == color  # greedy: each stays itself
+
+
+def test_an_adapter_is_served_in_the_prompt_format_its_manifest_names(server: RunningServer) -> None:
+    """The server's format is pythonic (the paper's long system prompt); `native-color` was trained on the model's
+    own chat template, which SmolLM2's renders without the tool list: the same request is a far shorter prompt."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+    def prompt_tokens(model: str) -> int:
+        body = {"model": model, "messages": PROMPT, "tools": tools, "max_tokens": 1}
+        response = httpx.post(f"{server.v1}/chat/completions", json=body, headers=server.headers, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    base, pythonic, native = prompt_tokens(SMOL), prompt_tokens("color"), prompt_tokens("native-color")
+    assert base == pythonic  # no format in its manifest: the server's
+    assert native < base - 100, (native, base)
 
 
 def test_hot_load_route_unload_reload(server: RunningServer) -> None:

@@ -43,12 +43,12 @@ def test_bfcl_live_multiple_keeps_every_acceptable_value_and_renders_the_first()
 
 def test_bfcl_prompts_are_the_servers_pythonic_prompt_with_json_schema_types() -> None:
     sample = load_bfcl("live_parallel")[0]
-    system = sample.prompt_messages()[0]
+    system = sample.prompt().messages[0]
     assert system["role"] == "system"
     assert system["content"].startswith(SYSTEM_PROMPT.split("\n")[0])
     function = sample.tools[0]["function"]
     assert function["parameters"]["type"] == "object"  # BFCL writes "dict"; clients send JSON Schema
-    assert sample.prompt_messages()[-1] == {"role": "user", "content": sample.query}
+    assert sample.prompt().messages[-1] == {"role": "user", "content": sample.query}
 
 
 def test_bfcl_irrelevance_has_no_calls_and_exec_answers_parse() -> None:
@@ -144,7 +144,7 @@ def test_chat_jsonl(tmp_path: Path) -> None:
     assert first.id == "a" and len(first.messages) == 2
     assert first.ground_truth == (GroundTruthCall("f", {"x": (1,)}),)
     assert first.target() == "[f(x=1)]"
-    assert "Be brief." in first.prompt_messages()[0]["content"]
+    assert "Be brief." in first.prompt().messages[0]["content"]
     assert second.ground_truth == () and second.id == "data-1"
 
 

@@ -20,6 +20,8 @@ from typing import Any
 NON_LIVE = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
 LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance", "live_relevance")
 SUPPORTED = NON_LIVE + LIVE
+# Executable categories BFCL no longer scores (`data/unused_datasets/`): training data only.
+EXEC = ("exec_simple", "exec_multiple", "exec_parallel", "exec_parallel_multiple")
 DEFAULT_SEED = 0
 
 # A model name the checker looks up for `underscore_to_dot`; we always hand it the original (dotted) names.
@@ -53,6 +55,19 @@ def _data_file(*parts: str):
     return files("bfcl_eval").joinpath("data", *parts)
 
 
+def category_files(category: str):
+    """A category's questions and possible answers: in bfcl_eval's data, or among its unused datasets (exec_*)."""
+    name = f"BFCL_v4_{category}.json"
+    if _data_file(name).is_file():
+        return _data_file(name), _data_file("possible_answer", name)
+    return _data_file("unused_datasets", "question", name), _data_file("unused_datasets", "possible_answer", name)
+
+
+def read_rows(category: str) -> list[dict[str, Any]]:
+    """A category's raw question rows (any category, multi-turn ones included)."""
+    return _read_jsonl(category_files(category)[0])
+
+
 def _read_jsonl(path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -67,14 +82,14 @@ def is_relevance(category: str) -> bool:
 
 @cache
 def load_category(category: str) -> tuple[Question, ...]:
-    if category not in SUPPORTED:
-        raise ValueError(f"unsupported BFCL category {category!r}; choose from {', '.join(SUPPORTED)}")
-    rows = _read_jsonl(_data_file(f"BFCL_v4_{category}.json"))
+    """A single-turn category's questions (the training loader reads the exec_* ones through here too)."""
+    if category not in SUPPORTED + EXEC:
+        raise ValueError(f"unsupported BFCL category {category!r}; choose from {', '.join(SUPPORTED + EXEC)}")
+    question_file, answer_file = category_files(category)
+    rows = _read_jsonl(question_file)
     answers: dict[str, Any] = {}
     if not (is_irrelevance(category) or is_relevance(category)):
-        answers = {
-            a["id"]: a["ground_truth"] for a in _read_jsonl(_data_file("possible_answer", f"BFCL_v4_{category}.json"))
-        }
+        answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(answer_file)}
     questions = []
     for row in rows:
         if len(row["question"]) != 1:

@@ -1,0 +1,33 @@
+"""Which floating-point type to run a model in on this machine (`auto`).
+
+bfloat16 halves memory traffic, but only CPUs with native bfloat16 arithmetic (x86 AVX-512 BF16 or AMX, ARM BF16)
+run it fast; elsewhere torch emulates it. Measured on an AVX2-only AMD EPYC (2 cores, Qwen2.5-Coder-0.5B): a
+200-token prefill ran at 11 tok/s in bfloat16 and 51 tok/s in float32. GPUs take bfloat16.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+DTYPES = ("auto", "bfloat16", "float32")
+_NATIVE_BF16 = re.compile(r"\b(avx512_bf16|amx_bf16|bf16)\b")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(_NATIVE_BF16.search(flags))
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` -> `bfloat16` on a GPU or a CPU with native bfloat16, else `float32`; other names unchanged."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"

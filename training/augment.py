@@ -1,0 +1,150 @@
+"""Data augmentations that published small tool-callers train with (../shared/RESOURCES.md), as derived sources.
+
+- `masked`: function and parameter names replaced by random strings, descriptions kept (Hammer): the model must read
+  what a tool does, not guess from its name;
+- `without_called`: a sample offering several tools with the called ones removed: nothing left fits, the right answer
+  is no call (Hammer's irrelevance data: near misses that share the question's domain);
+- `composed_parallel`: two single-call questions asked as one, both calls in the answer (parallel when they call the
+  same function, parallel multiple when not): the training sources hold few parallel samples;
+- `shuffled_tools`: the offered tools in a seeded order, so that position says nothing about which one to call.
+
+Every function is deterministic in the sample ids and its salt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from training.data import GroundTruthCall, Sample, seeded_shuffle
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _random_name(rng: random.Random, low: int, high: int) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(low, high)))
+
+
+def masked(sample: Sample, salt: str = "mask") -> Sample:
+    """The sample with every function renamed (5-15 letters) and every top-level parameter renamed (4-10 letters),
+    consistently in the tools and the ground truth; descriptions, types and values unchanged."""
+    rng = random.Random(f"{salt}:{sample.id}")
+    functions: dict[str, str] = {}
+    parameters: dict[str, dict[str, str]] = {}
+    tools = []
+    for tool in sample.tools:
+        function = dict(tool["function"])
+        old = function["name"]
+        functions[old] = _random_name(rng, 5, 15)
+        schema = dict(function.get("parameters") or {})
+        properties = schema.get("properties") or {}
+        renames = {name: _random_name(rng, 4, 10) for name in properties}
+        parameters[old] = renames
+        if properties:
+            schema["properties"] = {renames[name]: value for name, value in properties.items()}
+        if isinstance(schema.get("required"), list):
+            schema["required"] = [renames.get(name, name) for name in schema["required"]]
+        tools.append({**tool, "function": {**function, "name": functions[old], "parameters": schema}})
+    if any(call.name not in functions for call in sample.ground_truth):
+        return sample  # a ground truth naming a tool that is not offered: leave it as it is
+    truth = tuple(
+        GroundTruthCall(
+            functions[call.name],
+            {parameters[call.name].get(key, key): values for key, values in call.arguments.items()},
+        )
+        for call in sample.ground_truth
+    )
+    return replace(sample, id=f"{sample.id}~masked", tools=tuple(tools), ground_truth=truth)
+
+
+def masked_fraction(samples: Sequence[Sample], fraction: float, salt: str = "mask") -> list[Sample]:
+    """A seeded `fraction` of the samples masked in place of the original (the rest unchanged)."""
+    chosen = {s.id for s in seeded_shuffle(samples, salt)[: round(fraction * len(samples))]}
+    return [masked(s, salt) if s.id in chosen else s for s in samples]
+
+
+def shuffled_tools(sample: Sample, salt: str = "order") -> Sample:
+    tools = list(sample.tools)
+    random.Random(f"{salt}:{sample.id}").shuffle(tools)
+    return replace(sample, tools=tuple(tools))
+
+
+def without_called(samples: Sequence[Sample]) -> list[Sample]:
+    """No-call samples: each calling sample that offers other tools too, with the called ones taken away."""
+    out = []
+    for sample in samples:
+        called = {call.name for call in sample.ground_truth}
+        left = tuple(t for t in sample.tools if t["function"]["name"] not in called)
+        if called and left and len(left) < len(sample.tools):
+            source = f"{sample.source}:without"
+            out.append(replace(sample, id=f"{sample.id}~without", source=source, tools=left, ground_truth=()))
+    return out
+
+
+def composed_parallel(samples: Sequence[Sample], count: int, salt: str = "compose") -> list[Sample]:
+    """Up to `count` samples made of two single-call, single-turn samples: "Q1 Also, q2" with both calls as the
+    answer and the union of their tools. Half (as far as they go) pair questions that call the same function (BFCL's
+    parallel shape), the rest pair different ones (parallel multiple)."""
+    single = [s for s in seeded_shuffle(samples, salt) if len(s.ground_truth) == 1 and len(s.messages) == 1]
+    by_function: dict[str, list[Sample]] = defaultdict(list)
+    for sample in single:
+        by_function[_signature(sample, sample.ground_truth[0].name)].append(sample)
+    pairs: list[tuple[Sample, Sample]] = []
+    for group in by_function.values():
+        pairs += [(group[i], group[i + 1]) for i in range(0, len(group) - 1, 2)]
+    same = pairs[: count // 2]
+    rng = random.Random(salt)
+    different: list[tuple[Sample, Sample]] = []
+    for _ in range(4 * count):
+        if len(same) + len(different) >= count or len(single) < 2:
+            break
+        a, b = rng.sample(single, 2)
+        if a.ground_truth[0].name != b.ground_truth[0].name:
+            different.append((a, b))
+    out = []
+    for a, b in same + different:
+        tools = _union_tools(a.tools, b.tools)
+        if tools is None:
+            continue
+        question = f"{_sentence(a.query)} Also, {_lower_first(b.query)}"
+        out.append(
+            Sample(
+                f"{a.id}+{b.id}",
+                f"{a.source}:composed",
+                ({"role": "user", "content": question},),
+                tools,
+                a.ground_truth + b.ground_truth,
+            )
+        )
+    return out
+
+
+def _signature(sample: Sample, name: str) -> str:
+    function = next(t["function"] for t in sample.tools if t["function"]["name"] == name)
+    return json.dumps(function, sort_keys=True)
+
+
+def _union_tools(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], ...] | None:
+    """The tools of both, once each; None when the same name means two different functions."""
+    merged: dict[str, dict[str, Any]] = {}
+    for tool in [*a, *b]:
+        name = tool["function"]["name"]
+        if name in merged and merged[name] != tool:
+            return None
+        merged[name] = dict(tool)
+    return tuple(merged.values())
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def _lower_first(text: str) -> str:
+    text = text.strip()
+    # keep acronyms and names ("NYC", "I") as they are
+    return text[0].lower() + text[1:] if len(text) > 1 and text[0].isupper() and text[1].islower() else text
