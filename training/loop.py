@@ -39,6 +39,7 @@ PLOT_FILE = "progress.png"
 MANIFEST_FORMAT = "toolace-r-adapter/1"
 # Fields that may change between a crash and its resume without invalidating what was done.
 _RESUMABLE_CHANGES = {
+    "name",  # the published adapter's name; the run directory is the same one when this is reached
     "output_dir",
     "run_dir",
     "loop.max_iterations",

@@ -12,6 +12,7 @@ import json
 import random
 import sys
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -111,7 +112,11 @@ def select(category: str, limit: int | None = None, seed: int = DEFAULT_SEED) ->
 
     Subsets are nested: the questions of `--limit 50` are among those of `--limit 100`, so a run can be extended.
     """
-    questions = load_category(category)
+    return subset(load_category(category), category, limit, seed)
+
+
+def subset(questions: Sequence[Any], category: str, limit: int | None, seed: int = DEFAULT_SEED) -> list[Any]:
+    """`select`'s fixed, nested choice over any category's questions (the multi-turn ones too)."""
     if limit is None or limit >= len(questions):
         return list(questions)
     order = list(range(len(questions)))

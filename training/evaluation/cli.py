@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from training.evaluation import bfcl
-from training.evaluation.runner import MODES, EvalConfig
+from training.evaluation import bfcl, multi_turn
+from training.evaluation.runner import CATEGORIES, MODES, EvalConfig
 
 
 def _csv(choices: Sequence[str]):
@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "eval",
         help="score a server on BFCL through /v1/chat/completions",
         description="Send BFCL questions with their functions as `tools` to an OpenAI-compatible server, score the "
-        "answers with BFCL's AST checker, and write results.jsonl, summary.md and plots under --out. "
-        "Reruns skip answered questions.",
+        "answers with BFCL's AST checker (multi_turn_base: play each conversation as an agent, executing the calls "
+        "against BFCL's backends, and score it with BFCL's multi-turn checker), and write results.jsonl, summary.md "
+        "and plots under --out. Reruns skip answered questions.",
     )
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL")
     p.add_argument(
@@ -40,7 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--model", help="the `model` sent in each request (a base model or an adapter name)")
     p.add_argument("--label", default=None, help="the model's name in the summary table (default: --model)")
-    p.add_argument("--categories", type=_csv(bfcl.SUPPORTED), default=bfcl.NON_LIVE, help="comma-separated")
+    p.add_argument(
+        "--categories",
+        type=_csv(CATEGORIES),
+        default=bfcl.NON_LIVE,
+        help=f"comma-separated (default: the non-live ones; also {', '.join(bfcl.LIVE + multi_turn.CATEGORIES)})",
+    )
     p.add_argument("--refine", type=_csv(MODES), default=("none",), help="comma-separated refine modes")
     p.add_argument("--max-refine-iterations", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="the same N questions per category every time (fixed seed)")
@@ -53,6 +59,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--underscore-names",
         action="store_true",
         help="send math.factorial as math_factorial (servers that reject dots in tool names)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=multi_turn.MAX_STEPS,
+        help="multi-turn: BFCL's step cap; a turn still calling tools after N+1 answers ends the question "
+        "(force-terminated, invalid)",
+    )
+    p.add_argument(
+        "--max-turns",
+        type=int,
+        default=None,
+        help="multi-turn: play and score only the first N user turns (smoke tests; rows are not comparable)",
     )
     p.add_argument("--out", type=Path, required=True, help="directory for results.jsonl, summary.md and plots")
     p.add_argument("--report-only", action="store_true", help="only rebuild summary.md and plots from results.jsonl")
@@ -86,6 +105,8 @@ def run_eval(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             underscore_names=args.underscore_names,
             progress=args.progress,
+            max_steps=args.max_steps,
+            max_turns=args.max_turns,
         )
         stats = Evaluator(config).run()
         print(

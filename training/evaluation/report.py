@@ -1,8 +1,9 @@
 """results.jsonl -> summary.md (the paper's layout) and the rounds plots.
 
-Table: one row per (model, refine mode[, max rounds]); BFCL categories as columns (accuracy in %), then Overall (the
-unweighted mean of the category accuracies, as BFCL averages its categories) and the average number of refine
-rounds. Plots: accuracy against the number of refine rounds (the paper's Figure 3) and the distribution of rounds.
+Table: one row per (model, refine mode[, max rounds]); BFCL's single-turn categories as columns (accuracy in %), then
+Overall (the unweighted mean of those category accuracies, as BFCL averages its categories), then the multi-turn
+categories (their own columns, outside Overall) and the average number of refine rounds. Plots: accuracy against the
+number of refine rounds (the paper's Figure 3) and the distribution of rounds.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from training.evaluation import bfcl
-from training.evaluation.runner import MODES, RESULTS_FILE, read_rows
+from training.evaluation import bfcl, multi_turn
+from training.evaluation.runner import CATEGORIES, MODES, RESULTS_FILE, read_rows
 
 SUMMARY_FILE = "summary.md"
 ROUNDS_PLOT = "accuracy_vs_rounds.png"
@@ -24,6 +25,7 @@ _HEADERS = {
     "parallel": "Parallel",
     "parallel_multiple": "Parallel Multiple",
     "irrelevance": "Irrelevance",
+    "multi_turn_base": "Multi Turn Base",
 }
 
 
@@ -36,8 +38,13 @@ def _mode_name(mode: str, iterations: int | None) -> str:
 
 
 def _categories(rows: list[dict[str, Any]]) -> list[str]:
+    """The categories present, single-turn ones first (Overall's), then multi-turn ones."""
     present = {r["category"] for r in rows}
-    return [c for c in bfcl.SUPPORTED if c in present]
+    return [c for c in CATEGORIES if c in present]
+
+
+def _size(category: str) -> int:
+    return len((multi_turn if category in multi_turn.CATEGORIES else bfcl).load_category(category))
 
 
 def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,10 +89,11 @@ def table(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
             if scores:
                 acc[category] = 100.0 * sum(scores) / len(scores)
         rounds = [r["rounds"] for r in members if r.get("rounds") is not None]
+        single = [v for c, v in acc.items() if c not in multi_turn.CATEGORIES]
         result[key] = {
             "acc": acc,
             "n": n,
-            "overall": sum(acc.values()) / len(acc) if acc else None,
+            "overall": sum(single) / len(single) if single else None,
             "rounds": sum(rounds) / len(rounds) if rounds else None,
             "latency": sum(r.get("latency_s") or 0 for r in members) / len(members),
             "tokens": sum((r.get("usage") or {}).get("total_tokens") or 0 for r in members) / len(members),
@@ -93,17 +101,32 @@ def table(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return result
 
 
+_INTRO = (
+    "Accuracy (%) by BFCL's AST checker; Overall is the unweighted mean of the categories shown; Avg rounds is the "
+    "mean number of refine rounds after the first answer (`refinement.iterations`). Rows with fewer questions than "
+    "a full category are marked partial in the second table."
+)
+_MULTI_TURN_INTRO = (
+    "Accuracy (%) by BFCL's AST checker; Overall is the unweighted mean of the single-turn categories shown. Multi "
+    "Turn Base (whole conversations played as an agent: the calls run against BFCL's backends, scored by BFCL's "
+    "multi-turn checker) is not in Overall. Avg rounds is the mean number of refine rounds after the first answer "
+    "(`refinement.iterations`; multi-turn: per request). Rows with fewer questions than a full category are marked "
+    "partial in the second table."
+)
+
+
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     categories = _categories(rows)
+    single = [c for c in categories if c not in multi_turn.CATEGORIES]
+    multi = [c for c in categories if c in multi_turn.CATEGORIES]
     stats = table(rows)
-    full = {c: len(bfcl.load_category(c)) for c in categories}
-    head = ["Model", "Refine", *(_HEADERS.get(c, c) for c in categories), "Overall", "Avg rounds"]
+    full = {c: _size(c) for c in categories}
+    head = ["Model", "Refine", *(_HEADERS.get(c, c) for c in single), "Overall"]
+    head += [*(_HEADERS.get(c, c) for c in multi), "Avg rounds"]
     lines = [
         "# BFCL through /v1/chat/completions",
         "",
-        "Accuracy (%) by BFCL's AST checker; Overall is the unweighted mean of the categories shown; Avg rounds is the "
-        "mean number of refine rounds after the first answer (`refinement.iterations`). Rows with fewer questions than "
-        "a full category are marked partial in the second table.",
+        _MULTI_TURN_INTRO if multi else _INTRO,
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -112,7 +135,8 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         cells = [f"{s['acc'][c]:.2f}" if c in s["acc"] else "–" for c in categories]
         overall = f"{s['overall']:.2f}" if s["overall"] is not None else "–"
         rounds = f"{s['rounds']:.2f}" if s["rounds"] is not None else "–"
-        lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *cells, overall, rounds]) + " |")
+        cells = [*cells[: len(single)], overall, *cells[len(single) :], rounds]
+        lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *cells]) + " |")
     lines += [
         "",
         "Questions answered (of the category's size), mean latency per question and mean tokens (all rounds):",

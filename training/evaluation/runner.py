@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.evaluation import bfcl
+from training.evaluation import bfcl, multi_turn
 
 MODES = ("none", "adaptive", "vanilla", "self_consistency")
+CATEGORIES = bfcl.SUPPORTED + multi_turn.CATEGORIES  # what `toolace-r eval` takes
 RESULTS_FILE = "results.jsonl"
 RUNS_FILE = "runs.jsonl"
 
@@ -42,6 +43,8 @@ class EvalConfig:
     timeout: float = 900.0
     underscore_names: bool = False
     progress: bool = True
+    max_steps: int = multi_turn.MAX_STEPS  # multi-turn: BFCL's step cap per turn
+    max_turns: int | None = None  # multi-turn: play (and score) only the first N turns, for smoke tests
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -49,8 +52,8 @@ class EvalConfig:
             if mode not in MODES:
                 raise ValueError(f"unknown refine mode {mode!r}; choose from {', '.join(MODES)}")
         for category in self.categories:
-            if category not in bfcl.SUPPORTED:
-                raise ValueError(f"unsupported category {category!r}; choose from {', '.join(bfcl.SUPPORTED)}")
+            if category not in CATEGORIES:
+                raise ValueError(f"unsupported category {category!r}; choose from {', '.join(CATEGORIES)}")
 
 
 @dataclass
@@ -64,6 +67,21 @@ class RunStats:
 
 def row_key(row: dict[str, Any]) -> tuple:
     return (row["model"], row["mode"], row.get("max_refine_iterations"), row["category"], row["id"])
+
+
+def select(category: str, limit: int | None, seed: int) -> list[Any]:
+    """A category's fixed subset: single-turn questions (`bfcl`) or multi-turn ones (`multi_turn`)."""
+    return (multi_turn if category in multi_turn.CATEGORIES else bfcl).select(category, limit, seed)
+
+
+def rejection(exc: Any) -> str:
+    """The error type of a 4xx answer that is the question's fault (the row is written, invalid); re-raises the
+    rest (5xx, auth, rate limits, timeouts: the server or the setup is wrong), which the next run retries."""
+    if exc.status_code >= 500 or exc.status_code in (401, 403, 404, 408, 409, 429):
+        raise exc
+    body = exc.body if isinstance(exc.body, dict) else {}
+    code = (body.get("error") or body).get("code") if isinstance(body, dict) else None
+    return f"http_{exc.status_code}:{code or 'error'}"
 
 
 def read_rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -115,13 +133,11 @@ class Evaluator:
     def label(self) -> str:
         return self.config.label or self.config.model
 
-    def work(self) -> list[tuple[str, bfcl.Question]]:
+    def work(self) -> list[tuple[str, Any]]:
         c = self.config
-        return [
-            (mode, q) for mode in c.modes for category in c.categories for q in bfcl.select(category, c.limit, c.seed)
-        ]
+        return [(mode, q) for mode in c.modes for category in c.categories for q in select(category, c.limit, c.seed)]
 
-    def key(self, mode: str, question: bfcl.Question) -> tuple:
+    def key(self, mode: str, question: bfcl.Question | multi_turn.Question) -> tuple:
         iterations = None if mode == "none" else self.config.max_refine_iterations
         return (self.config.model, mode, iterations, question.category, question.id)
 
@@ -129,6 +145,8 @@ class Evaluator:
         """One question, one request; the row to write, or None when the request failed (retried next run)."""
         import openai
 
+        if isinstance(question, multi_turn.Question):  # a conversation: many requests
+            return multi_turn.ask(self.client, self.config, mode, question, self.label)
         c = self.config
         tools = question.tools(c.underscore_names)
         name_map = question.name_map(c.underscore_names)
@@ -155,17 +173,14 @@ class Evaluator:
         try:
             response = self.client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
-            if exc.status_code >= 500 or exc.status_code in (401, 403, 404, 408, 409, 429):
-                raise  # the server or the setup is wrong, not the question: retry next run
-            body = exc.body if isinstance(exc.body, dict) else {}
-            code = (body.get("error") or body).get("code") if isinstance(body, dict) else None
+            error_type = rejection(exc)
             row.update(
                 request_id=None,
                 latency_s=round(time.monotonic() - started, 3),
                 raw=None,
                 calls=None,
                 valid=False,
-                error_type=f"http_{exc.status_code}:{code or 'error'}",
+                error_type=error_type,
                 error=str(exc)[:500],
                 rounds=None,
                 stop_reason=None,

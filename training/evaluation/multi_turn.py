@@ -1,0 +1,289 @@
+"""BFCL's multi-turn category `multi_turn_base`, run through `/v1/chat/completions` as an agent framework runs it.
+
+A question is a conversation of user turns over stateful Python backends (BFCL's file system, trading bot, travel
+booking, ...), whose methods are offered as `tools`. Each turn appends the user's message(s) and asks the model; the
+tool calls of an answer are executed against the backends (BFCL's `execute_multi_turn_func_call`) and go back as one
+`tool` message per call, and the model is asked again, until it answers without calls (the turn ends) or is still
+calling tools past the step cap (the question is force-terminated, as BFCL's own handlers do). The calls of every
+step are then scored by BFCL's `multi_turn_checker`, which replays them and the ground truth on fresh backends and
+compares, after each turn, the backends' states and the execution results.
+
+Calls are converted to BFCL's pythonic strings by BFCL's own OpenAI decoder (`convert_to_function_call`), so scoring
+sees what BFCL's `gpt-*-FC` handlers would hand it. Only calls to an offered function with identifier keywords are
+executed: BFCL `eval`s the strings, and a model must not get to run `open(file=..., mode='w')`; any other call gets an
+error message as its result and is left out of what the checker replays.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import keyword
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+
+from training.evaluation import bfcl
+
+if TYPE_CHECKING:
+    from training.evaluation.runner import EvalConfig
+
+CATEGORIES = ("multi_turn_base",)
+MAX_STEPS = 20  # BFCL's MAXIMUM_STEP_LIMIT (bfcl_eval.constants.default_prompts)
+RESULT_CHARS = 500  # an execution result as kept in the row (the model gets it whole)
+
+
+@dataclass(frozen=True, eq=False)
+class Question:
+    id: str
+    category: str
+    turns: list[list[dict[str, Any]]]  # each turn's user message(s)
+    functions: list[dict[str, Any]]  # BFCL's docs of the involved classes' methods
+    initial_config: dict[str, Any]
+    involved_classes: list[str]
+    ground_truth: list[list[str]]  # per turn, the calls that solve it
+
+    def tools(self, underscore_names: bool = False) -> list[dict[str, Any]]:
+        return bfcl.openai_tools(self.functions, underscore_names)
+
+    def name_map(self, underscore_names: bool = False) -> dict[str, str]:
+        """Tool name as sent -> BFCL's name (multi-turn names have no dots, so the same; kept for symmetry)."""
+        return {
+            t["function"]["name"]: f["name"] for t, f in zip(self.tools(underscore_names), self.functions, strict=True)
+        }
+
+    def entry(self) -> dict[str, Any]:
+        """The test entry BFCL's checker reads."""
+        return {"id": self.id, "initial_config": self.initial_config, "involved_classes": self.involved_classes}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@cache
+def class_functions(class_name: str) -> tuple[dict[str, Any], ...]:
+    """A backend class's function docs, from the file BFCL maps it to (`MULTI_TURN_FUNC_DOC_FILE_MAPPING`)."""
+    from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
+
+    path = files("bfcl_eval").joinpath("data", "multi_turn_func_doc", MULTI_TURN_FUNC_DOC_FILE_MAPPING[class_name])
+    return tuple(bfcl._read_jsonl(path))
+
+
+@cache
+def load_category(category: str) -> tuple[Question, ...]:
+    """A multi-turn category's questions, with their classes' functions as BFCL assembles them (in class order)."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unsupported multi-turn category {category!r}; choose from {', '.join(CATEGORIES)}")
+    question_file, answer_file = bfcl.category_files(category)
+    answers = {a["id"]: a["ground_truth"] for a in bfcl._read_jsonl(answer_file)}
+    questions = []
+    for row in bfcl._read_jsonl(question_file):
+        functions = [copy.deepcopy(f) for name in row["involved_classes"] for f in class_functions(name)]
+        questions.append(
+            Question(
+                id=row["id"],
+                category=category,
+                turns=row["question"],
+                functions=functions,
+                initial_config=row.get("initial_config", {}),
+                involved_classes=row["involved_classes"],
+                ground_truth=answers[row["id"]],
+            )
+        )
+    return tuple(questions)
+
+
+def select(category: str, limit: int | None = None, seed: int = bfcl.DEFAULT_SEED) -> list[Question]:
+    """The same `limit` questions every time, nested across limits (`bfcl.subset`)."""
+    return bfcl.subset(load_category(category), category, limit, seed)
+
+
+# ---------------------------------------------------------------------------------------------------- calls
+
+
+def call_string(name: str, arguments: dict[str, Any]) -> str:
+    """One call as BFCL's OpenAI function-calling decoder writes it: `name(k=repr(v),...)`."""
+    from bfcl_eval.model_handler.utils import convert_to_function_call
+
+    return convert_to_function_call([{name: arguments}])[0]
+
+
+def _refusal(name: str, arguments: dict[str, Any], offered: set[str]) -> str | None:
+    """Why a call is not executed (None: it is): BFCL `eval`s call strings, so only offered functions run."""
+    if name not in offered:
+        return f"Error during execution: {name!r} is not one of the offered functions."
+    bad = [k for k in arguments if not (k.isidentifier() and not keyword.iskeyword(k))]
+    if bad:
+        return f"Error during execution: {bad[0]!r} is not a valid argument name."
+    return None
+
+
+def _backend_key() -> str:
+    """A fresh name for one question's backend instances (BFCL keeps them in module globals by model and test id)."""
+    return f"toolace_r_{uuid.uuid4().hex}"
+
+
+def _release(key: str) -> None:
+    """Drop the backend instances made under `key` (inference, and the checker's `_eval` replays)."""
+    from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
+
+    store = vars(multi_turn_utils)
+    for name in [n for n in list(store) if n.startswith(f"{key}_")]:
+        store.pop(name, None)
+
+
+def _execute(calls: list[str], question: Question, key: str) -> list[str]:
+    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_utils import execute_multi_turn_func_call
+
+    results, _ = execute_multi_turn_func_call(
+        calls, question.initial_config, question.involved_classes, key, question.id, long_context=False
+    )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def score(question: Question, decoded: list[list[list[str]]], key: str, turns: int | None = None) -> bfcl.Score:
+    """BFCL's `multi_turn_checker` over `decoded` (per turn, per step with calls, the call strings), for the first
+    `turns` turns (all by default); `key` names the checker's backend instances."""
+    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn_checker
+
+    ground_truth = question.ground_truth[: len(question.ground_truth) if turns is None else turns]
+    if len(decoded) != len(ground_truth):  # BFCL's eval runner: the model was force-terminated
+        message = f"The model result has {len(decoded)} turns, the ground truth {len(ground_truth)}."
+        return bfcl.Score(False, "multi_turn:force_terminated", message)
+    try:
+        result = multi_turn_checker(decoded, ground_truth, question.entry(), question.category, key)
+    except Exception as exc:  # noqa: BLE001 - the checker asserts on states it assumes well-formed
+        return bfcl.Score(False, "checker_exception", f"{type(exc).__name__}: {exc}"[:500])
+    if result["valid"]:
+        return bfcl.Score(True)
+    error = {"message": result.get("error_message"), "details": result.get("details")}
+    return bfcl.Score(False, result.get("error_type"), json.dumps(error, default=str)[:500])
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: str) -> dict[str, Any]:
+    """Play one question through `client.chat.completions.create` and score it; the row to write.
+
+    Connection errors, 5xx and the like propagate (the runner retries the question next run); a 4xx that is the
+    question's fault (a conversation past the context length) ends it as an invalid row.
+    """
+    import openai
+
+    from training.evaluation.runner import rejection
+
+    tools = question.tools(config.underscore_names)
+    name_map = question.name_map(config.underscore_names)
+    offered = set(name_map.values())
+    base: dict[str, Any] = {"model": config.model, "tools": tools}
+    if config.temperature is not None:
+        base["temperature"] = config.temperature
+    if config.max_tokens is not None:
+        base["max_tokens"] = config.max_tokens
+    if mode != "none":
+        base["extra_body"] = {"refine": mode, "max_refine_iterations": config.max_refine_iterations}
+    played = question.turns[: config.max_turns] if config.max_turns else question.turns
+
+    key = _backend_key()
+    messages: list[dict[str, Any]] = []
+    turns: list[list[dict[str, Any]]] = []  # per turn, per request: what the model said and what ran
+    decoded: list[list[list[str]]] = []  # per turn, per step with calls: what the checker replays
+    request_ids: list[str] = []
+    rounds: list[int] = []
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    failure: bfcl.Score | None = None
+    started = time.monotonic()
+    try:
+        for user_messages in played:
+            messages.extend(copy.deepcopy(user_messages))
+            steps: list[dict[str, Any]] = []
+            scored: list[list[str]] = []
+            turns.append(steps)
+            decoded.append(scored)
+            executed = 0
+            while True:
+                try:
+                    response = client.chat.completions.create(messages=messages, **base)
+                except openai.APIStatusError as exc:
+                    failure = bfcl.Score(False, rejection(exc), str(exc)[:500])
+                    break
+                request_ids.append(response.id)
+                if response.usage:
+                    for k in usage:
+                        usage[k] += getattr(response.usage, k, 0) or 0
+                refinement = (response.model_extra or {}).get("refinement") or {}
+                if "iterations" in refinement:
+                    rounds.append(refinement["iterations"])
+                message = response.choices[0].message
+                tool_calls = [tc.model_dump() for tc in (message.tool_calls or [])]
+                assistant: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": message.content or ("" if not tool_calls else None),
+                }
+                if tool_calls:
+                    assistant["tool_calls"] = [
+                        {"id": tc["id"], "type": "function", "function": tc["function"]} for tc in tool_calls
+                    ]
+                messages.append(assistant)
+                step: dict[str, Any] = {"content": message.content, "calls": [], "results": []}
+                if refinement:
+                    step.update(rounds=refinement.get("iterations"), stop_reason=refinement.get("stop_reason"))
+                steps.append(step)
+                if not tool_calls:
+                    break  # a text answer ends the turn
+                calls, decode_error = bfcl.calls_from_tool_calls(tool_calls, name_map)
+                if decode_error is not None:  # as BFCL's handlers: an answer that does not decode ends the turn
+                    step["error"] = decode_error
+                    break
+                texts = [call_string(name, args) for call in calls for name, args in call.items()]
+                refusals = [_refusal(name, args, offered) for call in calls for name, args in call.items()]
+                runnable = [t for t, r in zip(texts, refusals, strict=True) if r is None]
+                ran = iter(_execute(runnable, question, key) if runnable else [])
+                results = [r if r is not None else next(ran) for r in refusals]
+                for tc, result in zip(tool_calls, results, strict=True):
+                    messages.append({"role": "tool", "content": result, "tool_call_id": tc["id"]})
+                step.update(calls=texts, results=[r[:RESULT_CHARS] for r in results])
+                if runnable:
+                    scored.append(runnable)
+                executed += 1
+                if executed > config.max_steps:  # BFCL: still calling after max_steps + 1 steps: force-terminated
+                    failure = bfcl.Score(
+                        False,
+                        "multi_turn:force_terminated",
+                        f"Still calling tools after {executed} steps in turn {len(turns) - 1}.",
+                    )
+                    break
+            if failure is not None:
+                break
+        latency = time.monotonic() - started
+        result = failure or score(question, decoded, key, len(played))
+    finally:
+        _release(key)
+    return {
+        "model": config.model,
+        "label": label,
+        "mode": mode,
+        "max_refine_iterations": None if mode == "none" else config.max_refine_iterations,
+        "category": question.category,
+        "id": question.id,
+        "request_id": request_ids[-1] if request_ids else None,
+        "requests": len(request_ids),
+        "latency_s": round(latency, 3),
+        "turns": turns,
+        "calls": decoded,
+        "max_turns": config.max_turns,
+        "valid": result.valid,
+        "error_type": result.error_type,
+        "error": result.error,
+        # refine rounds per request, averaged over the question's requests (`none`: 0)
+        "rounds": 0 if mode == "none" else (round(sum(rounds) / len(rounds), 3) if rounds else None),
+        "stop_reason": None,
+        "usage": usage if request_ids else None,
+    }
