@@ -29,7 +29,7 @@ from server.engine.base import encode_chat
 from server.prompts import Prompt
 from training.config import TrainConfig
 from training.data import Sample, load_source, split
-from training.refine_data import Example, build_refine_examples, direct_examples
+from training.refine_data import Example, build_refine_examples, direct_examples, refine_counts
 
 log = logging.getLogger("training")
 
@@ -329,7 +329,7 @@ class Run:
         summary = {"direct": len(examples), "refine_stop": 0, "refine_fix": 0, "refine_fix_rejected": 0}
         if self.config.refine.enabled:
             engine, name = self._engine_for(adapter)
-            refine = asyncio.run(
+            examples += asyncio.run(
                 build_refine_examples(
                     engine,
                     chosen,
@@ -343,11 +343,7 @@ class Run:
                     progress=self.progress,
                 )
             )
-            examples += refine
-            for example in refine:
-                summary[example.kind] += 1
-            fixes = sum(1 for s in chosen if not _exact_first(selection[s.id], s))
-            summary["refine_fix_rejected"] = fixes - summary["refine_fix"]
+            summary |= refine_counts(read_records(work / "refine.jsonl"))
         tmp = work / "examples.jsonl.tmp"
         with tmp.open("w") as sink:
             for example in examples:
@@ -502,12 +498,6 @@ def _publish_weights(source: Path, target: Path, dtype: str) -> None:
         cast = getattr(torch, dtype)
         tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, target, metadata={"format": "pt"})
-
-
-def _exact_first(record: dict[str, Any], sample: Sample) -> bool:
-    from training.matching import answer_matches
-
-    return answer_matches(record["answers"][0].strip(), sample.ground_truth, 0)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

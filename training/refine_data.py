@@ -1,9 +1,10 @@
 """Self-refine training data: `[system, user, A1, refine prompt, A]`, where A1 is the model's own answer.
 
-- A1 already right (exactly; A = A1): the sample teaches when to stop refining; A1 is kept verbatim as the target.
-- A1 wrong: the model samples k refinements of it (one n=k call); the sample is kept only when one of them ≈ the
+- A1 right (exactly; A = A1): the sample teaches when to stop refining; A1 is kept verbatim as the target.
+- A1 wrong: the model samples k refinements of it (one n=k call); the example is kept only when one of them ≈ the
   ground truth (the correction is within the model's reach), with the ground truth as the target.
-A1 is the model's first sampled answer from selection, so the data follows the model's own mistakes.
+A1 comes from the answers sampled in selection (every distinct wrong one is a candidate), so the data follows the
+model's own mistakes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from server.engine.base import Engine, SamplingParams
 from server.prompts import Prompt, PromptFormat
+from server.toolcalls import canonical
 from training.config import RefineConfig, SelectionConfig
 from training.data import Sample
 from training.matching import answer_matches
@@ -73,22 +75,30 @@ async def build_refine_examples(
     iteration: int = 0,
     progress: bool = True,
 ) -> list[Example]:
-    """One refine example per selected sample whose check passes (resumable through `records_path`)."""
+    """Refine examples from the answers sampled in selection (resumable through `records_path`):
+
+    - "keep your answer": the first of them that is exactly right, as A1 and as the target (teaches when to stop);
+    - fixes: every distinct wrong answer is a candidate A1 (the model's own, on-policy mistakes); the model samples
+      k refinements of it, and when one ≈ the ground truth (the paper's Eq. 3: the fix is within its reach) the
+      example [.., A1, refine prompt] → ground truth is kept, else the candidate is rejected."""
 
     async def one(sample: Sample) -> dict[str, Any]:
-        first = selection[sample.id]["answers"][0].strip()
-        if answer_matches(first, sample.ground_truth, 0):
-            return {"kind": "refine_stop", "first": first, "target": first, "kept": True}
-        params = SamplingParams(
-            max_tokens=selection_config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=selection_config.top_p,
-            seed=sample_seed(selection_config.seed, "refine", iteration, sample.id),
-            n=config.k,
-        )
-        answers = await sample_answers(engine, refine_prompt(sample, first, fmt), params, adapter)
-        kept = any(answer_matches(a, sample.ground_truth, config.max_differing_values) for a in answers)
-        return {"kind": "refine_fix", "first": first, "target": sample.target(fmt), "kept": kept, "answers": answers}
+        answers = [a.strip() for a in selection[sample.id]["answers"]]
+        right = [a for a in answers if answer_matches(a, sample.ground_truth, 0)]
+        wrong = list({canonical(a): a for a in reversed(answers) if a not in right}.values())[::-1]
+        fixes = []
+        for index, first in enumerate(wrong):
+            params = SamplingParams(
+                max_tokens=selection_config.max_new_tokens,
+                temperature=config.temperature,
+                top_p=selection_config.top_p,
+                seed=sample_seed(selection_config.seed, "refine", iteration, sample.id, index),
+                n=config.k,
+            )
+            refined = await sample_answers(engine, refine_prompt(sample, first, fmt), params, adapter)
+            kept = any(answer_matches(a, sample.ground_truth, config.max_differing_values) for a in refined)
+            fixes.append({"first": first, "kept": kept, "answers": refined})
+        return {"stop": right[0] if right else None, "fixes": fixes, "target": sample.target(fmt)}
 
     records = await map_resumable(
         selected,
@@ -100,8 +110,25 @@ async def build_refine_examples(
         progress=progress,
     )
     by_id = {s.id: s for s in selected}
-    return [
-        Example.of(f"{sid}#refine", refine_prompt(by_id[sid], r["first"], fmt), r["target"], r["kind"])
-        for sid, r in records.items()
-        if r["kept"]
-    ]
+    examples = []
+    for sid, record in records.items():
+        sample = by_id[sid]
+        if record["stop"] is not None:
+            examples.append(
+                Example.of(f"{sid}#keep", refine_prompt(sample, record["stop"], fmt), record["stop"], "refine_stop")
+            )
+        for index, fix in enumerate(record["fixes"]):
+            if fix["kept"]:
+                context = refine_prompt(sample, fix["first"], fmt)
+                examples.append(Example.of(f"{sid}#fix{index}", context, record["target"], "refine_fix"))
+    return examples
+
+
+def refine_counts(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Stop examples, and fix candidates kept and rejected, over a refine step's records."""
+    fixes = [fix for record in records.values() for fix in record["fixes"]]
+    return {
+        "refine_stop": sum(record["stop"] is not None for record in records.values()),
+        "refine_fix": sum(fix["kept"] for fix in fixes),
+        "refine_fix_rejected": sum(not fix["kept"] for fix in fixes),
+    }

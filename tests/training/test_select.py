@@ -7,7 +7,8 @@ from pathlib import Path
 
 from server.prompts import REFINE_PROMPT
 from training.config import RefineConfig, SelectionConfig
-from training.refine_data import build_refine_examples
+from training.refine_data import build_refine_examples, refine_counts
+from training.resumable import read_records
 from training.select import select
 
 RIGHT, WRONG, CLOSE = "[get_weather(city='Paris')]", "[get_time(city='Paris')]", "[get_weather(city='Pari')]"
@@ -46,12 +47,14 @@ def test_selection_resumes_from_its_records(scripted, make_sample, tmp_path: Pat
     assert list(records) == ["s0", "s1", "s2", "s3"] and all(r["selected"] for r in records.values())
 
 
-def test_refine_examples_stop_fix_and_reject(scripted, make_sample, tmp_path: Path) -> None:  # noqa: ANN001
-    samples = [make_sample("stop"), make_sample("fix"), make_sample("hopeless")]
+def test_refine_examples_keep_right_answers_and_try_every_distinct_wrong_one(
+    scripted, make_sample, tmp_path: Path
+) -> None:  # noqa: ANN001
+    samples = [make_sample("stop"), make_sample("fix"), make_sample("wrong-only")]
     selection = {
-        "stop": {"answers": [RIGHT, WRONG]},  # first answer right: teaches to stop
-        "fix": {"answers": [CLOSE, RIGHT]},
-        "hopeless": {"answers": [WRONG, RIGHT]},
+        "stop": {"answers": [RIGHT, RIGHT]},  # right every time: a "keep your answer" example, nothing to fix
+        "fix": {"answers": [WRONG, CLOSE, RIGHT, CLOSE]},  # keep RIGHT; WRONG is rejected, CLOSE (once) is fixed
+        "wrong-only": {"answers": [CLOSE, WRONG]},  # nothing right to keep; CLOSE is fixed, WRONG rejected
     }
 
     def script(messages, params):  # noqa: ANN001, ANN202
@@ -60,14 +63,18 @@ def test_refine_examples_stop_fix_and_reject(scripted, make_sample, tmp_path: Pa
         return [RIGHT if previous == CLOSE else WRONG] * params.n
 
     engine = scripted(script)
+    path = tmp_path / "refine.jsonl"
     examples = asyncio.run(
-        build_refine_examples(
-            engine, samples, selection, RefineConfig(k=4), SelectionConfig(), tmp_path / "refine.jsonl"
-        )
+        build_refine_examples(engine, samples, selection, RefineConfig(k=4), SelectionConfig(), path)
     )
-    by_kind = {e.kind: e for e in examples}
-    assert set(by_kind) == {"refine_stop", "refine_fix"}
-    assert by_kind["refine_stop"].target == RIGHT and by_kind["refine_stop"].messages[-2]["content"] == RIGHT
-    assert by_kind["refine_fix"].target == RIGHT and by_kind["refine_fix"].messages[-2]["content"] == CLOSE
-    assert [e.messages[-1]["content"] for e in examples] == [REFINE_PROMPT] * 2
-    assert len(engine.calls) == 2 and all(p.n == 4 for _, p, _ in engine.calls)  # no check for the stop sample
+    by_id = {e.id: e for e in examples}
+    assert set(by_id) == {"stop#keep", "fix#keep", "fix#fix1", "wrong-only#fix0"}
+    assert by_id["stop#keep"].kind == "refine_stop" and by_id["stop#keep"].target == RIGHT
+    assert by_id["stop#keep"].messages[-2]["content"] == RIGHT
+    for fixed in ("fix#fix1", "wrong-only#fix0"):
+        assert by_id[fixed].kind == "refine_fix" and by_id[fixed].target == RIGHT
+        assert by_id[fixed].messages[-2]["content"] == CLOSE  # the model's own wrong answer is A1
+    assert [e.messages[-1]["content"] for e in examples] == [REFINE_PROMPT] * 4
+    # one n=k check per distinct wrong answer (CLOSE twice in "fix" is checked once); none for "stop"
+    assert len(engine.calls) == 4 and all(p.n == 4 for _, p, _ in engine.calls)
+    assert refine_counts(read_records(path)) == {"refine_stop": 2, "refine_fix": 2, "refine_fix_rejected": 2}
