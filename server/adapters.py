@@ -17,7 +17,6 @@ What is checked before an adapter is accepted, since a path may come from an HTT
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
@@ -32,7 +31,7 @@ from safetensors import safe_open
 
 from server.engine import Engine, EngineError
 from server.errors import APIError, BadRequest, NotFound
-from server.model_store import SOURCE_FILE
+from server.model_store import base_sha256
 from server.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -88,22 +87,7 @@ class BaseModel:
                     shape = weights.get_slice(key).get_shape()
                     if key.endswith(".weight") and len(shape) == 2:
                         shapes[key.removesuffix(".weight")] = (shape[0], shape[1])
-        return cls(shapes, _base_sha256(model_dir))
-
-
-def _base_sha256(model_dir: Path) -> str | None:
-    """The checksum the training package records: the embedded model's GGUF, else the single safetensors file."""
-    source = model_dir / SOURCE_FILE
-    if source.is_file():
-        return json.loads(source.read_text()).get("sha256")
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        return None  # a sharded checkpoint: tensor shapes are the check
-    digest = hashlib.sha256()
-    with single.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return cls(shapes, base_sha256(model_dir))
 
 
 def check_name(name: str, served_model: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from server.errors import BadRequest
 from server.protocol import ChatCompletionRequest
+from server.refine import MAX_ITERATIONS_LIMIT
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Limits:
     max_json_depth: int = 64
     max_tokens: int = 4096
     max_n: int = 8
-    max_refine_iterations: int = 10  # the protocol's own ceiling is 10
+    max_refine_iterations: int = MAX_ITERATIONS_LIMIT  # a server may lower the protocol's own ceiling, not raise it
     max_tools: int = 128
     max_tool_schema_bytes: int = 32 * 1024
     max_active_requests: int = 32  # running at once (the engine batches them)

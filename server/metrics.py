@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from server.refine import RefineMode, RefineOutcome, StopReason
+from server.refine import MAX_ITERATIONS_LIMIT, RefineMode, RefineOutcome, StopReason
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 UNKNOWN_MODEL = "unknown"  # requests that failed before a model was resolved
@@ -30,7 +30,7 @@ class Metrics:
             "toolace_refine_iterations",
             "Refine rounds per request (0 for refine=none)",
             ["model", "mode"],
-            buckets=tuple(range(11)),
+            buckets=tuple(range(MAX_ITERATIONS_LIMIT + 1)),
             registry=r,
         )
         self.refine_stops = Counter(

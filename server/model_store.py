@@ -88,12 +88,15 @@ def home_dir() -> Path:
     return Path(platformdirs.user_cache_dir("toolace-r"))
 
 
+def model_name(spec: str) -> str:
+    """The name of a --model value (or a training config's `model.base`): "default" is DEFAULT_MODEL."""
+    return DEFAULT_MODEL if spec == "default" else spec
+
+
 def resolve(spec: str, *, progress: bool = True) -> Path:
     """Turn a --model value into a checkpoint directory: "default", an embedded name, or a local HF checkpoint."""
-    if spec == "default":
-        return prepare(DEFAULT_MODEL, progress=progress)
-    if spec in EMBEDDED_MODELS:
-        return prepare(spec, progress=progress)
+    if model_name(spec) in EMBEDDED_MODELS:
+        return prepare(model_name(spec), progress=progress)
     path = Path(spec).expanduser()
     if (path / "config.json").is_file():
         return path
@@ -133,6 +136,25 @@ def prepare(name: str = DEFAULT_MODEL, *, progress: bool = True) -> Path:
             shutil.rmtree(work, ignore_errors=True)
         _say(progress, f"{name}: done in {time.monotonic() - start:.0f} s -> {final}")
         return final
+
+
+def base_sha256(model_dir: Path) -> str | None:
+    """The checksum that names a base checkpoint in adapter manifests (training writes it, the server checks it):
+    the embedded model's GGUF, from the checkpoint's marker; else the single `model.safetensors` file; None for a
+    sharded checkpoint (adapters are then checked by tensor shapes alone)."""
+    source = model_dir / SOURCE_FILE
+    if source.is_file():
+        return json.loads(source.read_text()).get("sha256")
+    single = model_dir / "model.safetensors"
+    return file_sha256(single) if single.is_file() else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _say(progress: bool, message: str) -> None:

@@ -7,10 +7,11 @@ Round 0 is the initial answer A0; rounds 1..n are refine rounds. `iterations` co
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from operator import attrgetter
+from typing import Any, TypeVar
 
 DEFAULT_MAX_ITERATIONS = 5
 MAX_ITERATIONS_LIMIT = 10
@@ -66,11 +67,15 @@ class RefineOutcome:
         return sum(a.canonical != b.canonical for a, b in zip(self.answers, self.answers[1:], strict=False))
 
 
-def majority(answers: tuple[Answer, ...]) -> Answer:
-    """The most frequent canonical answer; among equally frequent ones the latest wins."""
-    counts = Counter(a.canonical for a in answers)
+T = TypeVar("T")
+
+
+def majority(answers: Sequence[T], key: Callable[[T], Hashable] = attrgetter("canonical")) -> T:
+    """The most frequent answer by `key` (an `Answer`'s canonical form); among equally frequent ones the latest wins.
+    Self-consistency's vote, here and in the evaluation's per-round scores."""
+    counts = Counter(map(key, answers))
     best = max(counts.values())
-    return next(a for a in reversed(answers) if counts[a.canonical] == best)
+    return next(a for a in reversed(answers) if counts[key(a)] == best)
 
 
 async def run_refinement(

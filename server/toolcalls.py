@@ -15,7 +15,6 @@ import secrets
 import string
 import unicodedata
 import warnings
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -279,49 +278,3 @@ def from_openai(tool_calls: Sequence[Mapping[str, Any]]) -> list[ToolCall]:
             raise ValueError(f"tool_calls[{index}].function.arguments must be a JSON object")
         result.append(ToolCall(name=name, arguments=dict(arguments)))
     return result
-
-
-def approx_match(predicted: Sequence[ToolCall], truth: Sequence[ToolCall], max_differing_values: int = 1) -> bool:
-    """The ToolACE-R "≈" rule: same multiset of tool names, same key sets per paired call, and at most
-    `max_differing_values` differing parameter values in total; call order does not matter."""
-    if len(predicted) != len(truth) or Counter(c.name for c in predicted) != Counter(c.name for c in truth):
-        return False
-    # Pairing identical calls first never hurts (the value count is a metric), and it leaves at most
-    # `max_differing_values` calls to pair by search, since every other pair costs at least one value.
-    rest_predicted, rest_truth = _unpaired(predicted, truth), _unpaired(truth, predicted)
-    if len(rest_predicted) > max_differing_values:
-        return False
-    return _min_pairing_cost(rest_predicted, rest_truth) <= max_differing_values
-
-
-def _unpaired(calls: Sequence[ToolCall], others: Sequence[ToolCall]) -> list[ToolCall]:
-    """The calls left over after pairing each with an identical one from `others`."""
-    available = Counter(_canonical_json([call.name, call.arguments]) for call in others)
-    rest = []
-    for call in calls:
-        key = _canonical_json([call.name, call.arguments])
-        if available[key]:
-            available[key] -= 1
-        else:
-            rest.append(call)
-    return rest
-
-
-def _min_pairing_cost(predicted: list[ToolCall], truth: list[ToolCall]) -> float:
-    """Fewest differing values over all pairings (inf if every pairing has a differing name or key set)."""
-    if not predicted:
-        return 0
-    first, rest = predicted[0], predicted[1:]
-    return min(
-        _differing_values(first, candidate) + _min_pairing_cost(rest, truth[:j] + truth[j + 1 :])
-        for j, candidate in enumerate(truth)
-    )
-
-
-def _differing_values(predicted: ToolCall, truth: ToolCall) -> float:
-    if predicted.name != truth.name or predicted.arguments.keys() != truth.arguments.keys():
-        return float("inf")
-    # Compare as canonical JSON so that True != 1, 1 != 1.0 and dict key order is ignored, as in canonical().
-    return sum(
-        _canonical_json(value) != _canonical_json(truth.arguments[key]) for key, value in predicted.arguments.items()
-    )

@@ -57,7 +57,7 @@ def start_server(model: str, log_dir: Path, *extra: str, startup_timeout: float 
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port), "--api-key", API_KEY]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen([*cmd, *extra], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ)
-    served_name = model_store.DEFAULT_MODEL if model == "default" else model
+    served_name = model_store.model_name(model)
     server = RunningServer(f"http://127.0.0.1:{port}", served_name, API_KEY, log_path, proc)
     with stopped_after(proc, f"{server.base_url}/health", "server", server.log, timeout=startup_timeout):
         yield server

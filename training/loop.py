@@ -405,6 +405,8 @@ class Run:
         done = [it for it in self.state["iterations"] if it.get("done")]
         if not done:
             raise RuntimeError("no iteration finished training: nothing to publish")
+        from server import model_store
+
         manifest = self.manifest(done[-1])
         if self.dist.is_main_process:
             out = self.config.adapter_dir()
@@ -414,7 +416,7 @@ class Run:
             _publish_weights(
                 source / "adapter_model.safetensors", out / "adapter_model.safetensors", self.config.output_dtype
             )
-            manifest["adapter"]["sha256"] = _sha256(out / "adapter_model.safetensors")
+            manifest["adapter"]["sha256"] = model_store.file_sha256(out / "adapter_model.safetensors")
             (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
             self._plot()
             if (self.dir / PLOT_FILE).exists():
@@ -432,7 +434,7 @@ class Run:
         from server import model_store
 
         cfg = self.config
-        base_name = model_store.DEFAULT_MODEL if cfg.model.base == "default" else cfg.model.base
+        base_name = model_store.model_name(cfg.model.base)
         source_file = self.base_dir / model_store.SOURCE_FILE
         source = json.loads(source_file.read_text()) if source_file.exists() else None
         return {
@@ -441,7 +443,7 @@ class Run:
             "created": _now(),
             "base_model": {
                 "name": base_name,
-                "sha256": source.get("sha256") if source else _sha256(self.base_dir / "model.safetensors"),
+                "sha256": model_store.base_sha256(self.base_dir),
                 "sha256_of": source.get("gguf") if source else "model.safetensors",
                 "source": source,
             },
@@ -474,7 +476,7 @@ def _train(run: Run, examples: list[Example], work: Path, init: Path | None, t: 
     from server import model_store
     from training.sft import train_lora
 
-    base_name = model_store.DEFAULT_MODEL if run.config.model.base == "default" else run.config.model.base
+    base_name = model_store.model_name(run.config.model.base)
     return (run._trainer or train_lora)(
         run.base_dir,
         examples,
@@ -505,14 +507,6 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new))
         return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [prefix.rstrip(".")]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _now() -> str:

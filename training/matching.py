@@ -1,9 +1,10 @@
-"""The paper's "≈" between a model's answer and a ground truth that may accept several values per parameter.
+"""The paper's "≈" between a model's answer and a ground truth that may accept several values per parameter: the
+project's one ≈ rule (pass@k selection, refine checks, held-out scores).
 
-Same rule as `server.toolcalls.approx_match` (same multiset of tool names, same count, the same parameters per
-paired call, at most `max_differing_values` wrong values in total, order free), where a value is right when it is
-one of the acceptable ones, and a parameter whose acceptable values include "" may be left out. With one acceptable
-value per parameter it is `approx_match`, except that numbers compare by value (10 == 10.0, as BFCL's checker does).
+Same multiset of tool names, same count, the same parameters per paired call, at most `max_differing_values` wrong
+values in total, order free; a value is right when it is one of the acceptable ones, and a parameter whose acceptable
+values include "" may be left out. Numbers compare by value (10 == 10.0, as BFCL's checker does), True is not 1.
+`GroundTruthCall.exact` turns plain calls into a truth with one acceptable value per parameter.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Work over many samples that survives a crash: each finished record is appended to a JSONL file at once, and a
-rerun skips the ids already there. Selection, refine checks and evaluation all run through it."""
+rerun skips the ids already there. Selection, refine checks and evaluation all run through it, and every JSONL file
+of the project (BFCL's data and the evaluation's results included) is read by `read_jsonl`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,17 +16,28 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """The records already written, by id. A line cut short by a crash is ignored (and redone)."""
-    records: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+def read_jsonl(path: Path | Traversable, *, missing_ok: bool = True) -> Iterator[dict[str, Any]]:
+    """The rows of a JSONL file, in order; none when it does not exist (yet) and `missing_ok`. A line that does not
+    parse (the torn last line of a killed writer) is skipped: the work it stood for is redone by the rerun."""
+    try:
+        handle = path.open("rb")  # bytes: only b"\n" ends a line, and a torn UTF-8 character spoils only its line
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
+    with handle:
+        for line in handle:
+            if not line.strip():
                 continue
-            records[record["id"]] = record
-    return records
+            try:
+                yield json.loads(line)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                continue
+
+
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The records already written, by id."""
+    return {record["id"]: record for record in read_jsonl(path)}
 
 
 async def map_resumable(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import threading
 import time
@@ -143,6 +144,20 @@ def test_resolve(smol_dir: Path, tmp_path: Path) -> None:
         assert accepted in str(info.value)
     with pytest.raises(ModelStoreError, match="config.json"):
         resolve(str(tmp_path))  # a directory, but not a checkpoint
+
+
+def test_model_name() -> None:
+    assert model_store.model_name("default") == model_store.DEFAULT_MODEL
+    assert model_store.model_name(SMOL) == SMOL
+    assert model_store.model_name("/some/checkpoint") == "/some/checkpoint"
+
+
+def test_base_sha256(smol_dir: Path, tmp_path: Path) -> None:
+    assert model_store.base_sha256(smol_dir) == EMBEDDED_MODELS[SMOL].sha256  # the GGUF's, from the marker
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    assert model_store.base_sha256(tmp_path) == hashlib.sha256(b"weights").hexdigest()
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00002.safetensors")
+    assert model_store.base_sha256(tmp_path) is None  # sharded: adapters are checked by tensor shapes alone
 
 
 def test_unknown_name_for_prepare(home: Path) -> None:

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from server.toolcalls import (
     ParsedAnswer,
     ToolCall,
-    approx_match,
     canonical,
     from_openai,
     new_call_id,
@@ -318,64 +317,6 @@ def test_to_openai_arguments_are_json() -> None:
     [item] = to_openai([call("f", a="é", b=[1.5, None])])
     assert item["function"] == {"name": "f", "arguments": '{"a": "é", "b": [1.5, null]}'}
     assert json.loads(item["function"]["arguments"]) == {"a": "é", "b": [1.5, None]}
-
-
-# --- approx_match ------------------------------------------------------------------------------------------
-
-
-def test_approx_match_exact_and_one_value_off() -> None:
-    truth = [call("f", a=1, b="x"), call("g", c=[1, 2])]
-    assert approx_match(truth, truth)
-    assert approx_match([call("f", a=2, b="x"), call("g", c=[1, 2])], truth)
-    assert approx_match([call("f", a=1, b="x"), call("g", c=[1, 3])], truth)
-
-
-def test_approx_match_two_values_off() -> None:
-    truth = [call("f", a=1, b="x"), call("g", c=[1, 2])]
-    two_off = [call("f", a=2, b="x"), call("g", c=[2, 1])]
-    assert not approx_match(two_off, truth)
-    assert approx_match(two_off, truth, max_differing_values=2)
-    assert not approx_match([call("f", a=2, b="y"), call("g", c=[1, 2])], truth)
-
-
-def test_approx_match_structure_must_agree() -> None:
-    truth = [call("f", a=1, b="x")]
-    assert not approx_match([call("h", a=1, b="x")], truth)
-    assert not approx_match([call("f", a=1, b="x"), call("f", a=1, b="x")], truth)
-    assert not approx_match([], truth)
-    assert not approx_match([call("f", a=1)], truth)
-    assert not approx_match([call("f", a=1, c="x")], truth, max_differing_values=5)
-    assert approx_match([], [])
-
-
-def test_approx_match_is_order_insensitive_and_pairs_repeated_names() -> None:
-    truth = [call("f", city="Paris"), call("g"), call("f", city="Rome")]
-    assert approx_match([call("f", city="Rome"), call("f", city="Paris"), call("g")], truth, 0)
-    assert approx_match([call("f", city="Rome"), call("f", city="Pari"), call("g")], truth)
-    assert not approx_match([call("f", city="Rom"), call("f", city="Pari"), call("g")], truth)
-    # The pairing must be chosen to minimise differences, not taken in order.
-    truth = [call("f", a=1, b=1), call("f", a=2, b=2)]
-    assert approx_match([call("f", a=2, b=2), call("f", a=1, b=9)], truth)
-    # Key sets are compared per paired call.
-    truth = [call("f", a=1), call("f", b=1)]
-    assert approx_match([call("f", b=1), call("f", a=2)], truth)
-    assert not approx_match([call("f", a=1), call("f", a=1)], truth, max_differing_values=5)
-
-
-def test_approx_match_zero_is_exact() -> None:
-    truth = [call("f", a=1, d={"x": 1, "y": 2})]
-    assert approx_match([call("f", d={"y": 2, "x": 1}, a=1)], truth, max_differing_values=0)
-    assert not approx_match([call("f", a=2, d={"x": 1, "y": 2})], truth, max_differing_values=0)
-    assert not approx_match([call("f", a=True, d={"x": 1, "y": 2})], truth, max_differing_values=0)
-    assert not approx_match([call("f", a=1.0, d={"x": 1, "y": 2})], truth, max_differing_values=0)
-
-
-@settings(max_examples=50, deadline=None)
-@given(call_lists, st.randoms())
-def test_approx_match_exact_under_shuffle(calls: list[ToolCall], rnd) -> None:
-    shuffled = list(calls)
-    rnd.shuffle(shuffled)
-    assert approx_match(shuffled, calls, max_differing_values=0)
 
 
 # ---- lenient forms small models produce ----

@@ -15,7 +15,8 @@ import openai  # noqa: E402
 from openai.types.chat import ChatCompletion  # noqa: E402
 
 from training.evaluation import cli  # noqa: E402
-from training.evaluation.runner import RESULTS_FILE, EvalConfig, Evaluator, read_rows  # noqa: E402
+from training.evaluation.runner import RESULTS_FILE, EvalConfig, Evaluator  # noqa: E402
+from training.resumable import read_jsonl  # noqa: E402
 
 
 class StubClient:
@@ -82,7 +83,7 @@ def test_rows_resume_and_failures(tmp_path: Path) -> None:
     config = _config(tmp_path, modes=("none", "vanilla"), max_refine_iterations=2, categories=("simple_python",))
     evaluator = Evaluator(config, client)
     stats = evaluator.run()
-    rows = list(read_rows(tmp_path / RESULTS_FILE))
+    rows = list(read_jsonl(tmp_path / RESULTS_FILE))
     assert stats.sent == len(rows) == 6 - stats.failed
     for row in rows:
         assert {
@@ -135,7 +136,7 @@ def test_eval_end_to_end_against_the_real_server(smol_server, tmp_path: Path) ->
         "--out", str(tmp_path),
     ]  # fmt: skip
     assert cli.main(argv) == 0
-    rows = list(read_rows(tmp_path / RESULTS_FILE))
+    rows = list(read_jsonl(tmp_path / RESULTS_FILE))
     assert len(rows) == 8
     assert {(r["mode"], r["category"]) for r in rows} == {
         (m, c) for m in ("none", "vanilla") for c in ("simple_python", "irrelevance")
@@ -151,6 +152,6 @@ def test_eval_end_to_end_against_the_real_server(smol_server, tmp_path: Path) ->
     assert (tmp_path / "accuracy_vs_rounds.png").stat().st_size > 0
     # Resumable: the same command sends nothing.
     assert cli.main(argv) == 0
-    assert len(list(read_rows(tmp_path / RESULTS_FILE))) == 8
+    assert len(list(read_jsonl(tmp_path / RESULTS_FILE))) == 8
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [r["pending"] for r in runs] == [8, 0]

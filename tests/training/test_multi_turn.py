@@ -20,7 +20,8 @@ import openai  # noqa: E402
 from openai.types.chat import ChatCompletion  # noqa: E402
 
 from training.evaluation import bfcl, cli, multi_turn, report  # noqa: E402
-from training.evaluation.runner import RESULTS_FILE, EvalConfig, Evaluator, read_rows  # noqa: E402
+from training.evaluation.runner import RESULTS_FILE, EvalConfig, Evaluator  # noqa: E402
+from training.resumable import read_jsonl  # noqa: E402
 
 CATEGORY = "multi_turn_base"
 
@@ -235,7 +236,7 @@ def test_subsets_are_fixed_and_nested_and_the_runner_resumes(tmp_path: Path) -> 
     text = ScriptedClient(lambda request: _completion(text="No."))
     config = _config(tmp_path, limit=2, modes=("none", "vanilla"), categories=("simple_python", CATEGORY))
     stats = Evaluator(config, text).run()
-    rows = list(read_rows(tmp_path / RESULTS_FILE))
+    rows = list(read_jsonl(tmp_path / RESULTS_FILE))
     assert stats.sent == len(rows) == 8 and stats.failed == 0
     assert {(r["mode"], r["category"]) for r in rows if r["category"] == CATEGORY} == {
         ("none", CATEGORY),
@@ -277,7 +278,7 @@ def test_multi_turn_end_to_end_against_the_real_server(smol_server, tmp_path: Pa
         "--out", str(tmp_path),
     ]  # fmt: skip
     assert cli.main(argv) == 0
-    (row,) = read_rows(tmp_path / RESULTS_FILE)
+    (row,) = read_jsonl(tmp_path / RESULTS_FILE)
     assert row["category"] == CATEGORY and row["id"] == multi_turn.select(CATEGORY, 1)[0].id
     assert row["requests"] >= 1 == len(row["turns"]) and row["request_id"].startswith("chatcmpl-")
     assert isinstance(row["valid"], bool) and (row["valid"] or row["error_type"])

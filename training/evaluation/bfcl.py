@@ -18,6 +18,8 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
+from training.resumable import read_jsonl
+
 NON_LIVE = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
 LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance", "live_relevance")
 SUPPORTED = NON_LIVE + LIVE
@@ -64,13 +66,13 @@ def category_files(category: str):
     return _data_file("unused_datasets", "question", name), _data_file("unused_datasets", "possible_answer", name)
 
 
+def _rows(path) -> list[dict[str, Any]]:
+    return list(read_jsonl(path, missing_ok=False))
+
+
 def read_rows(category: str) -> list[dict[str, Any]]:
     """A category's raw question rows (any category, multi-turn ones included)."""
-    return _read_jsonl(category_files(category)[0])
-
-
-def _read_jsonl(path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _rows(category_files(category)[0])
 
 
 def is_irrelevance(category: str) -> bool:
@@ -87,10 +89,10 @@ def load_category(category: str) -> tuple[Question, ...]:
     if category not in SUPPORTED + EXEC:
         raise ValueError(f"unsupported BFCL category {category!r}; choose from {', '.join(SUPPORTED + EXEC)}")
     question_file, answer_file = category_files(category)
-    rows = _read_jsonl(question_file)
+    rows = _rows(question_file)
     answers: dict[str, Any] = {}
     if not (is_irrelevance(category) or is_relevance(category)):
-        answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(answer_file)}
+        answers = {a["id"]: a["ground_truth"] for a in _rows(answer_file)}
     questions = []
     for row in rows:
         if len(row["question"]) != 1:

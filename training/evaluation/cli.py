@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from server.refine import DEFAULT_MAX_ITERATIONS, RefineMode
 from training.evaluation import bfcl, multi_turn
 from training.evaluation.runner import CATEGORIES, MODES, EvalConfig
 
@@ -47,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=bfcl.NON_LIVE,
         help=f"comma-separated (default: the non-live ones; also {', '.join(bfcl.LIVE + multi_turn.CATEGORIES)})",
     )
-    p.add_argument("--refine", type=_csv(MODES), default=("none",), help="comma-separated refine modes")
-    p.add_argument("--max-refine-iterations", type=int, default=5)
+    p.add_argument("--refine", type=_csv(MODES), default=(RefineMode.NONE.value,), help="comma-separated refine modes")
+    p.add_argument("--max-refine-iterations", type=int, default=DEFAULT_MAX_ITERATIONS)
     p.add_argument("--limit", type=int, default=None, help="the same N questions per category every time (fixed seed)")
     p.add_argument("--seed", type=int, default=bfcl.DEFAULT_SEED, help="the subset seed for --limit")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")

@@ -26,7 +26,9 @@ from functools import cache
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
+from server.refine import RefineMode
 from training.evaluation import bfcl
+from training.resumable import read_jsonl
 
 if TYPE_CHECKING:
     from training.evaluation.runner import EvalConfig
@@ -69,7 +71,7 @@ def class_functions(class_name: str) -> tuple[dict[str, Any], ...]:
     from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
 
     path = files("bfcl_eval").joinpath("data", "multi_turn_func_doc", MULTI_TURN_FUNC_DOC_FILE_MAPPING[class_name])
-    return tuple(bfcl._read_jsonl(path))
+    return tuple(read_jsonl(path, missing_ok=False))
 
 
 @cache
@@ -78,9 +80,9 @@ def load_category(category: str) -> tuple[Question, ...]:
     if category not in CATEGORIES:
         raise ValueError(f"unsupported multi-turn category {category!r}; choose from {', '.join(CATEGORIES)}")
     question_file, answer_file = bfcl.category_files(category)
-    answers = {a["id"]: a["ground_truth"] for a in bfcl._read_jsonl(answer_file)}
+    answers = {a["id"]: a["ground_truth"] for a in read_jsonl(answer_file, missing_ok=False)}
     questions = []
-    for row in bfcl._read_jsonl(question_file):
+    for row in read_jsonl(question_file, missing_ok=False):
         functions = [copy.deepcopy(f) for name in row["involved_classes"] for f in class_functions(name)]
         questions.append(
             Question(
@@ -187,7 +189,7 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
         base["temperature"] = config.temperature
     if config.max_tokens is not None:
         base["max_tokens"] = config.max_tokens
-    if mode != "none":
+    if mode != RefineMode.NONE:
         base["extra_body"] = {"refine": mode, "max_refine_iterations": config.max_refine_iterations}
     played = question.turns[: config.max_turns] if config.max_turns else question.turns
 
@@ -270,7 +272,7 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
         "model": config.model,
         "label": label,
         "mode": mode,
-        "max_refine_iterations": None if mode == "none" else config.max_refine_iterations,
+        "max_refine_iterations": None if mode == RefineMode.NONE else config.max_refine_iterations,
         "category": question.category,
         "id": question.id,
         "request_id": request_ids[-1] if request_ids else None,
@@ -283,7 +285,7 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
         "error_type": result.error_type,
         "error": result.error,
         # refine rounds per request, averaged over the question's requests (`none`: 0)
-        "rounds": 0 if mode == "none" else (round(sum(rounds) / len(rounds), 3) if rounds else None),
+        "rounds": 0 if mode == RefineMode.NONE else (round(sum(rounds) / len(rounds), 3) if rounds else None),
         "stop_reason": None,
         "usage": usage if request_ids else None,
     }

@@ -12,8 +12,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from server.refine import RefineMode
 from training.evaluation import bfcl, multi_turn
-from training.evaluation.runner import CATEGORIES, MODES, RESULTS_FILE, read_rows
+from training.evaluation.runner import CATEGORIES, MODES, RESULTS_FILE
+from training.resumable import read_jsonl
 
 SUMMARY_FILE = "summary.md"
 ROUNDS_PLOT = "accuracy_vs_rounds.png"
@@ -34,7 +36,9 @@ def _group_key(row: dict[str, Any]) -> tuple:
 
 
 def _mode_name(mode: str, iterations: int | None) -> str:
-    return mode if iterations is None else f"{mode} (≤{iterations})" if mode == "adaptive" else f"{mode} ({iterations})"
+    if iterations is None:
+        return mode
+    return f"{mode} (≤{iterations})" if mode == RefineMode.ADAPTIVE else f"{mode} ({iterations})"
 
 
 def _categories(rows: list[dict[str, Any]]) -> list[str]:
@@ -54,7 +58,7 @@ def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def load(out: Path) -> list[dict[str, Any]]:
-    return _dedupe(list(read_rows(Path(out) / RESULTS_FILE)))
+    return _dedupe(list(read_jsonl(Path(out) / RESULTS_FILE)))
 
 
 # Vanilla and self-consistency send the same requests, so the server runs the same rounds for both; they differ only
@@ -67,7 +71,7 @@ def with_self_consistency_from_vanilla(rows: list[dict[str, Any]]) -> list[dict[
     derived = [
         {**row, "mode": SC_FROM_VANILLA, "valid": row["history_majority_valid"][-1], "error_type": None}
         for row in rows
-        if row["mode"] == "vanilla" and row.get("history_majority_valid")
+        if row["mode"] == RefineMode.VANILLA and row.get("history_majority_valid")
     ]
     return rows + derived
 
@@ -180,13 +184,13 @@ def paired(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[int, int, 
     answers: dict[tuple, dict[tuple[str, str], bool]] = defaultdict(dict)
     for row in rows:
         answers[_group_key(row)][(row["category"], row["id"])] = bool(row["valid"])
-    references = {key[0]: a for key, a in answers.items() if key[1] == "none"}
+    references = {key[0]: a for key, a in answers.items() if key[1] == RefineMode.NONE}
     result = {}
     for key in table(rows):  # the summary's row order
         cells = {}
         for label, reference in references.items():
             shared = answers[key].keys() & reference.keys()
-            if key != (label, "none", None) and shared:
+            if key != (label, RefineMode.NONE, None) and shared:
                 cells[label] = (len(shared), sum(reference[q] for q in shared), sum(answers[key][q] for q in shared))
         if cells:
             result[key] = cells
@@ -217,7 +221,7 @@ def round_curves(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        if row["mode"] != "none" and row.get("history_valid"):
+        if row["mode"] != RefineMode.NONE and row.get("history_valid"):
             groups[_group_key(row)].append(row)
     curves = {}
     for key, members in groups.items():
@@ -226,7 +230,7 @@ def round_curves(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float
         for row in members:
             hv, mv = row["history_valid"], row.get("history_majority_valid") or row["history_valid"]
             stop = len(hv) - 1
-            scores = mv if mode in ("self_consistency", SC_FROM_VANILLA) else hv
+            scores = mv if mode in (RefineMode.SELF_CONSISTENCY, SC_FROM_VANILLA) else hv
             per_category[row["category"]].append([scores[min(stop, r)] for r in range(n + 1)])
         result = {}
         for category, lists in per_category.items():
@@ -239,7 +243,7 @@ def round_curves(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float
 
 def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     curves = round_curves(rows)
-    baseline = {k[0]: v for k, v in table(rows).items() if k[1] == "none"}
+    baseline = {k[0]: v for k, v in table(rows).items() if k[1] == RefineMode.NONE}
     if not curves:
         return None
     import matplotlib
@@ -252,7 +256,12 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     cols = 3
     rows_n = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.3 * rows_n), squeeze=False)
-    styles = {"vanilla": "o-", "self_consistency": "s--", SC_FROM_VANILLA: "s:", "adaptive": "^-."}
+    styles = {
+        RefineMode.VANILLA: "o-",
+        RefineMode.SELF_CONSISTENCY: "s--",
+        SC_FROM_VANILLA: "s:",
+        RefineMode.ADAPTIVE: "^-.",
+    }
     for ax, panel in zip(axes.flat, panels, strict=False):
         for (label, mode, n), result in sorted(curves.items()):
             if panel in result:
@@ -282,7 +291,7 @@ def plot_distribution(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """How many refine rounds each question used: adaptive's stopping point (vanilla/SC always use n)."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row in rows:
-        if row["mode"] == "adaptive" and row.get("rounds") is not None:
+        if row["mode"] == RefineMode.ADAPTIVE and row.get("rounds") is not None:
             groups[_group_key(row)].append(row["rounds"])
     if not groups:
         return None

@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from training.evaluation import bfcl, multi_turn
+from tqdm import tqdm
 
-MODES = ("none", "adaptive", "vanilla", "self_consistency")
+from server.refine import DEFAULT_MAX_ITERATIONS, RefineMode, majority
+from training.evaluation import bfcl, multi_turn
+from training.resumable import read_jsonl
+
+MODES = tuple(mode.value for mode in RefineMode)  # also the order of the summary's rows
 CATEGORIES = bfcl.SUPPORTED + multi_turn.CATEGORIES  # what `toolace-r eval` takes
 RESULTS_FILE = "results.jsonl"
 RUNS_FILE = "runs.jsonl"
@@ -33,8 +36,8 @@ class EvalConfig:
     api_key: str = "EMPTY"
     label: str | None = None  # the model's name in the summary (default: model)
     categories: tuple[str, ...] = bfcl.NON_LIVE
-    modes: tuple[str, ...] = ("none",)
-    max_refine_iterations: int = 5
+    modes: tuple[str, ...] = (RefineMode.NONE.value,)
+    max_refine_iterations: int = DEFAULT_MAX_ITERATIONS
     limit: int | None = None
     seed: int = bfcl.DEFAULT_SEED
     concurrency: int = 4
@@ -84,39 +87,17 @@ def rejection(exc: Any) -> str:
     return f"http_{exc.status_code}:{code or 'error'}"
 
 
-def read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of a results file; a torn last line (a killed run) is skipped."""
-    if not path.exists():
-        return
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue
-
-
 def _history_scores(question: bfcl.Question, answers: list[str], sent_names: set[str], name_map: dict[str, str]):
     """Score every round's answer alone, and the majority of rounds 1..r (self-consistency at r rounds)."""
-    per_round, majority = [], []
-    canon: list[str] = []
+    per_round, voted = [], []
+    rounds: list[tuple[str, bool]] = []  # (canonical answer, valid)
     for r, text in enumerate(answers):
         calls = [{name_map.get(n, n): a for n, a in c.items()} for c in bfcl.calls_from_text(text, sent_names)]
         valid = bfcl.score(question, calls).valid
         per_round.append(valid)
-        canon.append(bfcl.canonical_text(text))
-        if r == 0:
-            majority.append(valid)
-            continue
-        window = canon[1 : r + 1]
-        counts = Counter(window)
-        best = max(counts.values())
-        pick = next(i for i in range(r, 0, -1) if counts[canon[i]] == best)  # latest wins ties, as the server
-        majority.append(per_round[pick])
-    return per_round, majority
+        rounds.append((bfcl.canonical_text(text), valid))
+        voted.append(valid if r == 0 else majority(rounds[1:], key=itemgetter(0))[1])  # the server's own vote
+    return per_round, voted
 
 
 class Evaluator:
@@ -138,7 +119,7 @@ class Evaluator:
         return [(mode, q) for mode in c.modes for category in c.categories for q in select(category, c.limit, c.seed)]
 
     def key(self, mode: str, question: bfcl.Question | multi_turn.Question) -> tuple:
-        iterations = None if mode == "none" else self.config.max_refine_iterations
+        iterations = None if mode == RefineMode.NONE else self.config.max_refine_iterations
         return (self.config.model, mode, iterations, question.category, question.id)
 
     def ask(self, mode: str, question: bfcl.Question) -> dict[str, Any] | None:
@@ -155,7 +136,7 @@ class Evaluator:
             kwargs["temperature"] = c.temperature
         if c.max_tokens is not None:
             kwargs["max_tokens"] = c.max_tokens
-        if mode != "none":  # servers without the extension get a plain request for `none`
+        if mode != RefineMode.NONE:  # servers without the extension get a plain request for `none`
             kwargs["extra_body"] = {
                 "refine": mode,
                 "max_refine_iterations": c.max_refine_iterations,
@@ -165,7 +146,7 @@ class Evaluator:
             "model": c.model,
             "label": self.label,
             "mode": mode,
-            "max_refine_iterations": None if mode == "none" else c.max_refine_iterations,
+            "max_refine_iterations": None if mode == RefineMode.NONE else c.max_refine_iterations,
             "category": question.category,
             "id": question.id,
         }
@@ -210,7 +191,7 @@ class Evaluator:
             valid=result.valid,
             error_type=result.error_type,
             error=result.error,
-            rounds=refinement.get("iterations", 0 if mode == "none" else None),
+            rounds=refinement.get("iterations", 0 if mode == RefineMode.NONE else None),
             stop_reason=refinement.get("stop_reason"),
             usage={k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")} if usage else None,
         )
@@ -224,7 +205,7 @@ class Evaluator:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
         results = c.out / RESULTS_FILE
-        done = {row_key(r): r for r in read_rows(results)}
+        done = {row_key(r): r for r in read_jsonl(results)}
         work = self.work()
         pending = [(m, q) for m, q in work if self.key(m, q) not in done]
         stats = RunStats(skipped=len(work) - len(pending))
@@ -237,7 +218,7 @@ class Evaluator:
             f.write(
                 json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "pending": len(pending)}) + "\n"
             )
-        bar = _progress(len(pending), enabled=c.progress)
+        bar = tqdm(total=len(pending), desc="bfcl", unit="q", dynamic_ncols=True, disable=not c.progress)
         with results.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, c.concurrency)) as pool:
             futures = {pool.submit(self.ask, m, q): (m, q) for m, q in pending}
             for future in as_completed(futures):
@@ -263,17 +244,3 @@ class Evaluator:
 
 def _running_accuracy(answered: dict[str, list[bool]]) -> str:
     return " ".join(f"{m}={100 * sum(v) / len(v):.1f}%" for m, v in answered.items() if v)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="bfcl", unit="q", dynamic_ncols=True)
