@@ -98,6 +98,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         action="store_false",
         help="decode every greedy refine round in full instead of verifying the previous answer as a draft",
     )
+    p.add_argument(
+        "--tool-grammar",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='decode tool_choice "auto" under the lazy grammar that keeps tool calls well-formed (off by default '
+        "until BFCL measures it)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-prompts", action="store_true", help="add each request's messages to its access-log line")
     p.add_argument(
@@ -182,6 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_temperature=args.default_temperature,
         default_max_tokens=args.default_max_tokens,
         draft_refinement=args.draft_refinement,
+        tool_grammar=args.tool_grammar,
         limits=Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)}),
         log_prompts=args.log_prompts,
     )

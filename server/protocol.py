@@ -124,6 +124,9 @@ class ChatCompletionRequest(BaseModel):
     refine: RefineMode | None = None
     max_refine_iterations: int = Field(default=5, ge=1, le=MAX_ITERATIONS_LIMIT)
     return_refinement_history: bool = False
+    # false: no lazy tool-call grammar under tool_choice "auto" for this request; true: one even where the server
+    # turned it off (--no-tool-grammar); unset: the server's choice.
+    tool_grammar: bool | None = None
 
     @field_validator("stop")
     @classmethod

@@ -20,7 +20,7 @@ from server import streaming, toolcalls
 from server.adapters import AdapterError, AdapterRegistry
 from server.engine import Engine, EngineError, SamplingParams
 from server.engine.base import seed_for
-from server.engine.constrained import schema_error
+from server.engine.constrained import added_tokens, grammar_error, schema_error
 from server.errors import BadRequest, GatewayTimeout, NotFound, TooManyRequests
 from server.limits import Limits, check_request
 from server.metrics import UNKNOWN_MODEL, Metrics
@@ -44,6 +44,7 @@ from server.protocol import (
 )
 from server.refine import Answer, RefineMode, RefineOutcome, run_refinement
 from server.tool_choice import call_schema, constraint_schema
+from server.tool_grammar import tool_grammar
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class ServingConfig:
     default_max_tokens: int = 512
     # Greedy refine rounds hand the previous answer to the engine as a draft to verify in one pass (exact).
     draft_refinement: bool = True
+    # tool_choice "auto" decodes under the lazy tool-call grammar (server/tool_grammar.py): free text, well-formed
+    # calls. A request's `tool_grammar` field overrides it. Off until BFCL measures it better (RESULTS.md).
+    tool_grammar: bool = False
     limits: Limits = Limits()
     log_prompts: bool = False  # the access log carries no request content unless asked
 
@@ -247,11 +251,17 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []]
         choice = request.tool_choice
         named = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
-        schema = constraint_schema(tools, named, request.parallel_tool_calls is not False)
+        parallel = request.parallel_tool_calls is not False
+        schema = constraint_schema(tools, named, parallel)
+        grammar = None
         if schema is not None:
             self._check_decodable(tools, named, schema)
+        elif tools and choice in (None, "auto"):
+            wanted = self.config.tool_grammar if request.tool_grammar is None else request.tool_grammar
+            grammar = self._auto_grammar(tools, parallel) if wanted else None
         return SamplingParams(
             json_schema=schema,
+            grammar=grammar,
             max_tokens=request.max_completion_tokens or request.max_tokens or self.config.default_max_tokens,
             temperature=self.config.default_temperature if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
@@ -259,6 +269,22 @@ class ChatService:
             seed=request.seed,
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         )
+
+    def _auto_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str | None:
+        """The lazy tool-call grammar of tool_choice "auto"; None (free decoding, with a warning) when the tools'
+        schemas defeat the grammar engine: `auto` never refuses a request for the grammar's sake."""
+        try:
+            grammar = tool_grammar(
+                tools, parallel=parallel, special_tokens=added_tokens(getattr(self.engine, "tokenizer", None))
+            )
+            error = grammar_error(grammar)
+        except Exception as exc:  # a best effort: whatever a schema does to the builder, decode freely
+            error = f"{type(exc).__name__}: {exc}"
+        if not error:
+            return grammar
+        names = ", ".join(tool["function"]["name"] for tool in tools)
+        log.warning("tool_choice auto without the tool-call grammar (tools: %s): %s", names, error[:500])
+        return None
 
     @staticmethod
     def _check_decodable(tools: list[dict[str, Any]], named: Any, schema: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 `required` and the named form must produce a call even from a model that would rather chat, with arguments that
 conform to the tool's schema; retrying until the model complies is neither bounded nor exact, a grammar is both.
 The schema describes JSON call objects `{"name": ..., "arguments": {...}}`, which the tool-call parser reads.
+`auto` decodes under the lazy grammar of server/tool_grammar.py, built from the same call schemas.
 """
 
 from __future__ import annotations
@@ -51,14 +52,87 @@ def closed(schema: Any) -> Any:
     return out
 
 
-def call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+# Keywords whose value is one subschema, a list of them, or a map of names to them: where a walk over a schema's
+# structure goes (never into `enum`, `const`, `default` or `examples`, which hold data).
+_SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else")
+_SUBSCHEMA += ("propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
+
+
+def _map_schema(schema: Any, fn: Any) -> Any:
+    """`schema` with `fn` applied to every (sub)schema object, bottom up, following the structure only."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), Mapping):
+            out[key] = _map_schema(out[key], fn)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_map_schema(sub, fn) for sub in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: _map_schema(sub, fn) for name, sub in out[key].items()}
+    return fn(out)
+
+
+def has_local_refs(schema: Any) -> bool:
+    """Whether the schema holds a `$ref` into itself (`#`, `#/$defs/...`, `#/properties/...`)."""
+    found = False
+
+    def visit(node: dict[str, Any]) -> dict[str, Any]:
+        nonlocal found
+        found = found or (isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"))
+        return node
+
+    _map_schema(schema, visit)
+    return found
+
+
+def rebase_refs(schema: Any, base: str) -> Any:
+    """The schema with every local `$ref` pointing as before once the schema itself sits at JSON pointer `base` of
+    a larger document: `#/$defs/n` becomes `#<base>/$defs/n`, `#` becomes `#<base>`."""
+
+    def rebase(node: dict[str, Any]) -> dict[str, Any]:
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            node["$ref"] = "#" + base + ref[1:]
+        return node
+
+    return _map_schema(schema, rebase)
+
+
+def call_schema(function: Mapping[str, Any], defs_key: str = "arguments") -> dict[str, Any]:
+    """The JSON call object `{"name": ..., "arguments": {...}}` of one function. A parameters schema with `$ref`s
+    into itself (pydantic's `$defs` for nested models, a recursive `#`) is not nested under `arguments` as it is:
+    its pointers would then miss. It moves whole to the document's root, `$defs[defs_key]`, with every pointer
+    rebased, and `arguments` refers to it there."""
     parameters = closed(json_schema(function.get("parameters") or {"type": "object", "properties": {}}))
-    return {
+    defs = None
+    if has_local_refs(parameters):
+        defs = {defs_key: rebase_refs(parameters, f"/$defs/{defs_key}")}
+        parameters = {"$ref": f"#/$defs/{defs_key}"}
+    schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "enum": [function["name"]]}, "arguments": parameters},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def any_call_schema(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One call of any of the functions: their call schemas under `anyOf` (one alone as it is), every function's
+    `$defs` gathered at the root (a pointer can only reach the document's root)."""
+    calls = [call_schema(f, f"arguments{i}") for i, f in enumerate(functions)]
+    defs = {key: value for call in calls for key, value in call.pop("$defs", {}).items()}
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if defs:
+        schema["$defs"] = defs
+    return schema
 
 
 def constraint_schema(
@@ -71,8 +145,10 @@ def constraint_schema(
         return call_schema(next(f for f in functions if f["name"] == name))
     if tool_choice != "required":
         return None
-    calls = [call_schema(f) for f in functions]
-    one_call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    one_call = any_call_schema(functions)
     if not parallel_tool_calls:
         return one_call
-    return {"type": "array", "items": one_call, "minItems": 1}
+    schema = {"type": "array", "items": one_call, "minItems": 1}
+    if "$defs" in one_call:
+        schema["$defs"] = one_call.pop("$defs")
+    return schema

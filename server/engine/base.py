@@ -33,6 +33,10 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     json_schema: Mapping[str, Any] | None = None  # constrain the output to JSON following this schema
+    # Constrain the output to this Lark grammar (llguidance's dialect; server/tool_grammar.py builds the lazy
+    # tool-call grammar of tool_choice "auto"). Ignored when json_schema is set. An engine that cannot compile it
+    # decodes freely rather than fail the request.
+    grammar: str | None = None
     # Report each output token's log-probability plus this many of the most likely alternatives (None: no report).
     # They are the model's own distribution, before temperature, top_p or a schema mask (as vLLM's default).
     logprobs: int | None = None

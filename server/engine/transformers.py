@@ -182,7 +182,8 @@ class TransformersEngine:
             raise EngineError(f"adapter {adapter!r} is not loaded")
         loop = asyncio.get_running_loop()
         # Drafts are verified without sampling, so without per-token log-probabilities: not for requests wanting them.
-        plain_greedy = params.greedy and params.n == 1 and params.json_schema is None and params.logprobs is None
+        # Under a schema or grammar too: a draft token is accepted only where the matcher allows it (exact).
+        plain_greedy = params.greedy and params.n == 1 and params.logprobs is None
         usable_draft = list(draft or ())[:MAX_DRAFT_TOKENS] if plain_greedy else []
         streamed = on_text if params.n == 1 else None
         job = _Job(ids, params, adapter, usable_draft, cache_salt, streamed, loop.create_future(), loop)
@@ -434,19 +435,33 @@ class TransformersEngine:
         return cache, attention, rows, emitted
 
     def _matcher(self, params: SamplingParams) -> LLMatcher | None:
-        return self._constraints.matcher(params.json_schema) if params.json_schema is not None else None
+        if params.json_schema is not None:
+            return self._constraints.matcher(params.json_schema)
+        if params.grammar is None:
+            return None
+        try:
+            return self._constraints.grammar_matcher(params.grammar)
+        except ValueError as exc:  # the caller checked it compiles; a tokenizer may still refuse it (special tokens)
+            log.warning("decoding without the grammar: %s", exc)
+            return None
 
     def _verify_draft(self, row: _Row, logits: torch.Tensor, attention: torch.Tensor) -> list[int]:
         """Accept the longest draft prefix greedy decoding agrees with; hide the rest of it from attention.
-        Returns the tokens to emit: the accepted draft tokens, then the model's own next token."""
+        Returns the tokens to emit: the accepted draft tokens, then the model's own next token (under the row's
+        schema or grammar, if it has one: its best allowed token)."""
         draft = row.job.draft
-        predicted = logits[logits.shape[0] - len(draft) - 1 :].argmax(dim=-1).tolist()
-        accepted = next((j for j, (p, d) in enumerate(zip(predicted, draft, strict=False)) if p != d), len(draft))
+        window = logits[logits.shape[0] - len(draft) - 1 :]
+        predicted = window.argmax(dim=-1).tolist()
+        if row.matcher is None:
+            accepted = next((j for j, (p, d) in enumerate(zip(predicted, draft, strict=False)) if p != d), len(draft))
+            following = predicted[accepted]
+        else:
+            accepted, following = _verify_under_mask(row.matcher, draft, window, predicted)
         if accepted < len(draft):
             attention[attention.shape[0] - (len(draft) - accepted) :] = 0
         row.fed.extend(draft[:accepted])
         row.job.draft_accepted = accepted
-        return draft[:accepted] + [predicted[accepted]]
+        return draft[:accepted] + [following]
 
     def _lookup_prefix(self, job: _Job) -> tuple[PrefixEntry | None, int]:
         if self.prefix_cache is None:
@@ -544,8 +559,9 @@ class TransformersEngine:
         if row.job.cancelled:
             row.finish_reason = "abort"
             return
-        if row.matcher is not None:
-            row.matcher.consume_token(token)
+        if row.matcher is not None and not row.matcher.consume_token(token):
+            log.warning("constrained decoding stopped: %s", row.matcher.get_error())
+            row.matcher = None  # free decoding from here rather than a mask that allows nothing
         if token in self._eos_ids:
             row.finish_reason, row.stop_token_id = "stop", token
             return
@@ -600,6 +616,25 @@ class TransformersEngine:
         )
         job.finished = True
         _resolve(job.loop, job.future, generation)
+
+
+def _verify_under_mask(
+    matcher: LLMatcher, draft: list[int], window: torch.Tensor, predicted: list[int]
+) -> tuple[int, int]:
+    """How much of a draft greedy decoding under a grammar agrees with, and its token after that. Under the mask
+    greedy decoding takes the best token the matcher allows: the model's own choice where it is allowed (no mask
+    to compute), the masked choice elsewhere, which a draft written under the same grammar often is too."""
+    probe = matcher.deep_copy()  # the row's matcher takes the emitted tokens afterwards, as for any token
+    for j, token in enumerate(draft):
+        if predicted[j] == token and probe.validate_tokens([token]) == 1:
+            choice = token
+        else:
+            choice = int(mask_disallowed(window[j].float(), probe).argmax())
+        if choice != token:
+            return j, choice
+        probe.consume_token(token)
+    # after a draft that ends its turn, the token chosen here is never used
+    return len(draft), int(mask_disallowed(window[len(draft)].float(), probe).argmax())
 
 
 def _stack(

@@ -10,8 +10,9 @@ What maps where:
 - prompts: token ids from `encode_chat`, which renders the chat template with the same Hugging Face tokenizer and
   the same calls as the transformers backend, so both engines see identical prompts;
 - `SamplingParams`: greedy is temperature 0; `n`, `seed`, `stop`, `top_p` pass through; the end-of-turn tokens are
-  the same set the transformers backend stops on; `json_schema` becomes vLLM structured outputs on the `guidance`
-  backend (llguidance, compact JSON): the grammar the transformers backend builds;
+  the same set the transformers backend stops on; `json_schema` (and the `grammar` of tool_choice "auto", Lark)
+  becomes vLLM structured outputs on the `guidance` backend (llguidance, compact JSON): the grammar the
+  transformers backend builds;
 - `cache_salt` goes on the prompt (vLLM's prefix cache keys blocks on it), `cached_tokens` is vLLM's
   `num_cached_tokens` (whole KV blocks only: 16 tokens on GPUs, 128 on CPUs);
 - `draft` is ignored: the refine round's prompt repeats the previous round's prompt, and vLLM's automatic prefix
@@ -263,6 +264,8 @@ class VllmEngine:
         structured = None
         if params.json_schema is not None:
             structured = StructuredOutputsParams(json=dict(params.json_schema))
+        elif params.grammar is not None:  # Lark on the guidance backend: the grammar the transformers backend uses
+            structured = StructuredOutputsParams(grammar=params.grammar)
         return VllmSamplingParams(
             n=params.n,
             temperature=0.0 if params.greedy else params.temperature,
