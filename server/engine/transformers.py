@@ -123,7 +123,7 @@ class TransformersEngine:
         model_name: str | None = None,
         max_batch_size: int = 8,
         max_model_len: int | None = None,
-        dtype: str = "auto",  # server/engine/dtypes.py
+        dtype: str = "bfloat16",  # or "auto" (server/engine/dtypes.py)
         num_threads: int | None = None,
         prefix_cache_tokens: int = 65536,
         continuous_batching: bool = True,  # False: a batch admits nobody until it ends (the benchmark's baseline)
