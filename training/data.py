@@ -313,8 +313,7 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
     kind = spec.get("type")
     derived = {"mismatched", "without_called", "composed_parallel", "masked"}
     if kind in derived:
-        parents = spec["of"] if isinstance(spec["of"], list) else [spec["of"]]
-        base = [sample for parent in parents for sample in load_source(parent)]
+        base = [sample for parent in _parents(spec) for sample in load_source(parent)]
     if kind == "mismatched":
         samples = mismatched(base)
     elif kind == "without_called":
@@ -340,9 +339,13 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
 def _dataset_name(spec: Mapping[str, Any]) -> str:
     """The category or subset a source entry reads (those of its `of` for a derived source), or ""."""
     if "of" in spec:
-        parents = spec["of"] if isinstance(spec["of"], list) else [spec["of"]]
-        return "+".join(_dataset_name(parent) for parent in parents)
+        return "+".join(_dataset_name(parent) for parent in _parents(spec))
     return spec.get("category") or spec.get("subset") or ""
+
+
+def _parents(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The source entries a derived source is made from (`of`: one entry or a list)."""
+    return spec["of"] if isinstance(spec["of"], list) else [spec["of"]]
 
 
 def mismatched(samples: Sequence[Sample]) -> list[Sample]:

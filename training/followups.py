@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base import Engine, SamplingParams
+from server.prompts import Prompt
 from server.toolcalls import ToolCall, parse_answer
 from training.data import Sample, seeded_shuffle
 from training.resumable import map_resumable, read_records
+from training.select import sample_answers
 
 RESULT_PROMPT = (
     "A program called the function `{name}` with these arguments:\n{arguments}\n"
@@ -111,8 +113,8 @@ async def write_followups(
 
     async def generate(messages: list[dict[str, Any]], max_tokens: int) -> str:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        generation = await engine.generate(engine.encode_chat(messages, None), params, adapter=adapter)
-        return generation.text
+        (text,) = await sample_answers(engine, Prompt(tuple(messages)), params, adapter)
+        return text
 
     async def one(sample: Sample) -> dict[str, Any]:
         calls = [truth.preferred() for truth in sample.ground_truth]

@@ -16,6 +16,7 @@ from training.config import EvalConfig
 from training.data import Sample
 from training.matching import answer_matches
 from training.resumable import map_resumable
+from training.select import sample_answers
 
 
 async def evaluate(
@@ -33,9 +34,7 @@ async def evaluate(
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
 
     async def one(sample: Sample) -> dict[str, Any]:
-        prompt = sample.prompt(fmt)
-        generation = await engine.generate(engine.encode_chat(prompt.messages, prompt.tools), params, adapter=adapter)
-        text = generation.text
+        (text,) = await sample_answers(engine, sample.prompt(fmt), params, adapter)
         return {
             "answer": text,
             "exact": answer_matches(text, sample.ground_truth, 0),

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base import encode_chat
-from server.prompts import Prompt
 from training.config import TrainConfig
 from training.data import Sample, load_source, split
 from training.refine_data import Example, build_refine_examples, direct_examples, refine_counts
@@ -70,8 +70,7 @@ def load_data(config: TrainConfig, tokenizer: Any) -> RunData:
     samples: list[Sample] = []
     for source in config.data.sources:
         samples += load_source(source)
-    fmt = config.format()
-    kept = [s for s in samples if _prompt_tokens(tokenizer, s.prompt(fmt)) <= config.data.max_prompt_tokens]
+    kept = fitting(samples, config, tokenizer)
     parts = split(kept, config.data.heldout, config.data.max_train_samples, config.data.seed)
     per_source: dict[str, int] = {}
     for s in parts.train:
@@ -79,8 +78,15 @@ def load_data(config: TrainConfig, tokenizer: Any) -> RunData:
     return RunData(parts.train, parts.heldout, len(samples) - len(kept), per_source)
 
 
-def _prompt_tokens(tokenizer: Any, prompt: Prompt) -> int:
-    return len(encode_chat(tokenizer, prompt.messages, prompt.tools))
+def fitting(samples: list[Sample], config: TrainConfig, tokenizer: Any) -> list[Sample]:
+    """The samples whose prompt, in the run's format, is at most `data.max_prompt_tokens` long."""
+    fmt = config.format()
+
+    def tokens(sample: Sample) -> int:
+        prompt = sample.prompt(fmt)
+        return len(encode_chat(tokenizer, prompt.messages, prompt.tools))
+
+    return [s for s in samples if tokens(s) <= config.data.max_prompt_tokens]
 
 
 class Run:
@@ -184,7 +190,8 @@ class Run:
 
         cfg = self.config
         self.base_dir = model_store.resolve(cfg.model.base, progress=self.progress)
-        data = load_data(cfg, AutoTokenizer.from_pretrained(self.base_dir))
+        tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        data = load_data(cfg, tokenizer)
         self.state["data"] = {
             "train_pool": len(data.train),
             "heldout": len(data.heldout),
@@ -201,7 +208,7 @@ class Run:
         self._save_state()
         try:
             if cfg.data.followups:
-                data.train += self._followups(data.train, AutoTokenizer.from_pretrained(self.base_dir))
+                data.train += self._followups(data.train, tokenizer)
             if "baseline" not in self.state:
                 self.state["baseline"] = self._main_only(lambda: self._evaluate(data.heldout, None, "baseline"))
                 self._save_state()
@@ -360,14 +367,9 @@ class Run:
             engine, _ = self._engine_for(None)
             asyncio.run(write_followups(engine, pool, count, path, progress=self.progress))
         self.dist.wait_for_everyone()
-        made = followup_samples(pool, count, path)
-        fmt = self.config.format()
-        kept = [s for s in made if _prompt_tokens(tokenizer, s.prompt(fmt)) <= self.config.data.max_prompt_tokens]
-        kinds: dict[str, int] = {}
-        for sample in kept:
-            kind = sample.source.rsplit(":", 1)[-1]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        self.state["data"]["followups"] = {"asked": self.config.data.followups, **kinds}
+        kept = fitting(followup_samples(pool, count, path), self.config, tokenizer)
+        kinds = dict(Counter(sample.source.rsplit(":", 1)[-1] for sample in kept))
+        self.state["data"]["followups"] = {"asked": count, **kinds}
         self._save_state()
         log.info("follow-up samples added to the pool: %s", kinds)
         return kept

@@ -14,7 +14,7 @@ from typing import Any
 
 from server.refine import RefineMode
 from training.evaluation import bfcl, multi_turn
-from training.evaluation.runner import CATEGORIES, MODES, RESULTS_FILE
+from training.evaluation.runner import CATEGORIES, MODES, RESULTS_FILE, questions_module
 from training.resumable import read_jsonl
 
 SUMMARY_FILE = "summary.md"
@@ -48,7 +48,7 @@ def _categories(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _size(category: str) -> int:
-    return len((multi_turn if category in multi_turn.CATEGORIES else bfcl).load_category(category))
+    return len(questions_module(category).load_category(category))
 
 
 def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -72,9 +72,14 @@ def row_key(row: dict[str, Any]) -> tuple:
     return (row["model"], row["mode"], row.get("max_refine_iterations"), row["category"], row["id"])
 
 
+def questions_module(category: str) -> Any:
+    """Where a category's questions come from: `multi_turn` for the multi-turn ones, `bfcl` for the rest."""
+    return multi_turn if category in multi_turn.CATEGORIES else bfcl
+
+
 def select(category: str, limit: int | None, seed: int) -> list[Any]:
-    """A category's fixed subset: single-turn questions (`bfcl`) or multi-turn ones (`multi_turn`)."""
-    return (multi_turn if category in multi_turn.CATEGORIES else bfcl).select(category, limit, seed)
+    """A category's fixed subset of questions."""
+    return questions_module(category).select(category, limit, seed)
 
 
 def rejection(exc: Any) -> str:
