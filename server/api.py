@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import __version__
 from server.adapters import AdapterError
 from server.errors import APIError, NotFound, Unauthorized, error_body
 from server.metrics import CONTENT_TYPE
@@ -97,7 +98,7 @@ def create_app(
         await service.engine.close()
 
     # The schema is served behind the API key like everything but /health (no docs UI: nothing to click here).
-    app = FastAPI(title="ToolACE-R server", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None)
+    app = FastAPI(title="ToolACE-R server", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None)
     limits = service.config.limits
     # The last added runs first: the log sees everything, the body guard runs before any parsing.
     app.add_middleware(JSONBodyByDefault)

@@ -25,13 +25,14 @@ from server.engine import ENGINES
 from server.engine.dtypes import DTYPES
 from server.limits import Limits
 from server.prompts import PromptFormat
+from server.refine import MAX_ITERATIONS_LIMIT
 
 LIMIT_HELP = {
     "max_body_bytes": "request body size (413 beyond)",
     "max_json_depth": "nesting of arrays and objects in the body",
     "max_tokens": "cap on a request's max_tokens / max_completion_tokens",
     "max_n": "cap on n (choices per request)",
-    "max_refine_iterations": "cap on max_refine_iterations (at most 10)",
+    "max_refine_iterations": f"cap on max_refine_iterations (at most {MAX_ITERATIONS_LIMIT})",
     "max_tools": "tools per request",
     "max_tool_schema_bytes": "size of one tool's parameters schema, as JSON",
     "max_active_requests": "requests running at once",
@@ -50,7 +51,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help=f"'default', one of {', '.join(model_store.EMBEDDED_MODELS)}, or a Hugging Face directory",
     )
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model)")
-    p.add_argument("--engine", choices=ENGINES, default="transformers")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="transformers",
+        help="transformers (CPU, the default), vllm (GPU), llamacpp (CPU, llama-server on the GGUF; built once)",
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("TOOLACE_R_API_KEY"),
@@ -127,6 +133,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="serve LoRA adapters (--no-enable-lora saves the LoRA kernels' memory and time when none are used)",
     )
     vllm.add_argument("--max-loras", type=int, default=4, help="different adapters in one batch")
+    llamacpp = p.add_argument_group("llama.cpp engine (--engine llamacpp only)")
+    llamacpp.add_argument(
+        "--gguf", type=Path, default=None, help="the GGUF llama.cpp runs (default: the embedded model's own file)"
+    )
     limits = p.add_argument_group("limits (a request beyond one is refused before any work)")
     for field in dataclasses.fields(Limits):
         flag = "--" + field.name.replace("_", "-")
@@ -165,7 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = model_store.resolve(args.model)
-    name = args.served_model_name or (model_store.DEFAULT_MODEL if args.model == "default" else args.model)
+    name = args.served_model_name or model_store.model_name(args.model)
     options: dict[str, Any] = {
         "model_name": name,
         "max_batch_size": args.max_batch_size,
@@ -183,6 +193,8 @@ def _serve(args: argparse.Namespace) -> int:
             "max_lora_rank": args.max_lora_rank,
             "max_cpu_loras": args.max_loaded_adapters,
         }
+    if args.engine == "llamacpp":
+        options["gguf"] = args.gguf or model_store.gguf_path(args.model)
     engine = create_engine(args.engine, str(model_dir), **options)
     config = ServingConfig(
         served_model_name=name,

@@ -118,7 +118,7 @@ def prepare(name: str = DEFAULT_MODEL, *, progress: bool = True) -> Path:
         return final
 
     models.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(models / f".{name}.lock", name, progress):
+    with exclusive_lock(models / f".{name}.lock", name, progress):
         if _is_finished(final, model):  # another process finished it while we waited
             return final
         for stale in models.glob(f".tmp-{name}-*"):  # left by a process killed mid-conversion; we hold the lock
@@ -134,8 +134,36 @@ def prepare(name: str = DEFAULT_MODEL, *, progress: bool = True) -> Path:
             _install(checkpoint, final, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        _say(progress, f"{name}: done in {time.monotonic() - start:.0f} s -> {final}")
+        say(progress, f"{name}: done in {time.monotonic() - start:.0f} s -> {final}")
         return final
+
+
+def gguf_path(spec: str, *, progress: bool = True) -> Path:
+    """The GGUF file behind --model, for engines that read GGUF as it is (llama.cpp): an embedded model's package
+    file, or its parts assembled once into the cache and verified; a local `.gguf` path is returned as it is."""
+    model = EMBEDDED_MODELS.get(model_name(spec))
+    if model is None:
+        path = Path(spec).expanduser()
+        if path.suffix == ".gguf" and path.is_file():
+            return path
+        raise ModelStoreError(
+            f"{spec!r} is neither an embedded model nor a .gguf file; the llama.cpp engine reads GGUF"
+        )
+    files = _part_files(model)
+    if len(files) == 1:
+        return files[0]
+    target = home_dir() / "gguf" / model.gguf_name
+    if target.is_file() and target.stat().st_size == model.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.parent / f".{model.name}.lock", model.name, progress):
+        if not (target.is_file() and target.stat().st_size == model.size):
+            work = Path(tempfile.mkdtemp(prefix=f".tmp-{model.name}-", dir=target.parent))
+            try:
+                os.replace(_assemble(model, work, progress), target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    return target
 
 
 def base_sha256(model_dir: Path) -> str | None:
@@ -157,7 +185,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _say(progress: bool, message: str) -> None:
+def say(progress: bool, message: str) -> None:
     if progress:
         print(f"[toolace-r] {message}", file=sys.stderr, flush=True)
 
@@ -172,7 +200,7 @@ def _is_finished(path: Path, model: EmbeddedModel) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path, name: str, progress: bool) -> Iterator[None]:
+def exclusive_lock(path: Path, name: str, progress: bool) -> Iterator[None]:
     if fcntl is None:
         yield
         return
@@ -181,7 +209,7 @@ def _exclusive_lock(path: Path, name: str, progress: bool) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _say(progress, f"{name}: another process is preparing this model; waiting for it")
+            say(progress, f"{name}: another process is preparing this model; waiting for it")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -260,12 +288,12 @@ def _assemble(model: EmbeddedModel, work: Path, progress: bool) -> Path:
         if gguf.name != model.gguf_name:  # transformers finds the file by name in its directory
             gguf = work / model.gguf_name
             os.symlink(files[0], gguf)
-        _say(progress, f"{model.name}: verifying {files[0]}")
+        say(progress, f"{model.name}: verifying {files[0]}")
         with _progress_bar(model, total, "verifying", progress) as bar:
             _copy_hashing(files[0], None, digest, bar)
     else:
         gguf = work / model.gguf_name
-        _say(progress, f"{model.name}: assembling the GGUF from {len(files)} package parts and verifying it")
+        say(progress, f"{model.name}: assembling the GGUF from {len(files)} package parts and verifying it")
         with _progress_bar(model, total, "assembling", progress) as bar, open(gguf, "wb") as sink:
             for part in files:
                 _copy_hashing(part, sink, digest, bar)
@@ -306,7 +334,7 @@ def _convert(model: EmbeddedModel, gguf: Path, out: Path, progress: bool) -> Non
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _say(progress, f"{model.name}: converting the GGUF to a bfloat16 checkpoint (about a minute)")
+    say(progress, f"{model.name}: converting the GGUF to a bfloat16 checkpoint (about a minute)")
     started = time.monotonic()
     load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
     # transformers >= 5 may keep GGUF weights packed (with the `kernels` package); we want plain dense tensors.
@@ -338,7 +366,7 @@ def _convert(model: EmbeddedModel, gguf: Path, out: Path, progress: bool) -> Non
     gen.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
-    _say(progress, f"{model.name}: loaded in {time.monotonic() - started:.0f} s; saving")
+    say(progress, f"{model.name}: loaded in {time.monotonic() - started:.0f} s; saving")
 
     # The weights are dense now, but the GGUF quantizer still marks the model as unserializable.
     lm.hf_quantizer = None

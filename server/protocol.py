@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.refine import MAX_ITERATIONS_LIMIT, RefineMode, StopReason
+from server.refine import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, RefineMode, StopReason
 
 # OpenAI allows [a-zA-Z0-9_-]{1,64}; dots are accepted too so BFCL's `math.factorial` works as a tool name.
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -122,7 +122,7 @@ class ChatCompletionRequest(BaseModel):
     cache_salt: str | None = None  # as in vLLM: only requests with the same salt share cached prefixes
     # ToolACE-R extensions
     refine: RefineMode | None = None
-    max_refine_iterations: int = Field(default=5, ge=1, le=MAX_ITERATIONS_LIMIT)
+    max_refine_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=1, le=MAX_ITERATIONS_LIMIT)
     return_refinement_history: bool = False
     # false: no lazy tool-call grammar under tool_choice "auto" for this request; true: one even where the server
     # turned it off (--no-tool-grammar); unset: the server's choice.

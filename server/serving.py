@@ -303,10 +303,11 @@ class ChatService:
     def _check_context(self, prompt: Prompt, params: SamplingParams, mode: RefineMode) -> None:
         prompt_tokens = len(self.engine.encode_chat(prompt.messages, prompt.tools))
         needed = prompt_tokens + params.max_tokens
+        refine_note = ""
         if mode is not RefineMode.NONE:
             needed += params.max_tokens + REFINE_PROMPT_ALLOWANCE
+            refine_note = " (refinement adds the previous answer and the refine prompt)"
         if needed > self.engine.max_model_len:
-            refine_note = " (refinement adds the previous answer and the refine prompt)" if mode.value != "none" else ""
             raise BadRequest(
                 f"This model's context length is {self.engine.max_model_len} tokens; "
                 f"the request needs {needed}: "

@@ -113,3 +113,38 @@ def qwen_tokenizer() -> Any:
 @pytest.fixture(scope="session")
 def smol_server(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     yield from start_server(SMOL, tmp_path_factory.mktemp("logs"))
+
+
+def make_lora(
+    model_dir: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    rank: int = 8,
+    alpha: int | None = None,
+    targets: str | tuple[str, ...] = "all-linear",
+) -> Path:
+    """A peft LoRA with random A and B (peft's default B is zero, which would change nothing): the adapter's answers
+    differ from the base model's from the first token, and are still text."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(base, config).save_pretrained(out, safe_serialization=True)
+    assert (out / "adapter_model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_dir(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`<adapters root>/random-lora` on SmolLM2, r=8 on every linear layer; the root doubles as --adapters-dir."""
+    return make_lora(smol_dir, tmp_path_factory.mktemp("adapters") / "random-lora")

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 @dataclass
 class ModelConfig:
     base: str = "default"  # an embedded model name ("default" = Qwen2.5-Coder-0.5B-Instruct) or a HF checkpoint dir
-    generate_dtype: str = "auto"  # weights of the engine that samples and evaluates (server/engine/dtypes.py)
+    # The engine that samples and evaluates: transformers, or llamacpp (the embedded GGUF in llama-server, several
+    # times faster on CPUs; adapters are converted to GGUF LoRA for it). SFT always runs in torch.
+    generate_engine: str = "transformers"
+    generate_dtype: str = "auto"  # transformers engine weights (server/engine/dtypes.py)
     max_batch_size: int = 8  # rows the engine decodes together
 
 
@@ -153,6 +156,8 @@ class TrainConfig:
             raise ValueError("selection.k and refine.k must be at least 1")
         if self.sft.global_batch_size % self.sft.micro_batch_size:
             raise ValueError("sft.global_batch_size must be a multiple of sft.micro_batch_size")
+        if self.model.generate_engine not in ("transformers", "llamacpp"):
+            raise ValueError(f"model.generate_engine {self.model.generate_engine!r}: choose transformers or llamacpp")
         if self.prompt_format not in ("pythonic", "native"):
             raise ValueError(f"prompt_format {self.prompt_format!r}: choose pythonic or native")
         if not self.name or os.sep in self.name:

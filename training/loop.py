@@ -44,6 +44,7 @@ _RESUMABLE_CHANGES = {
     "run_dir",
     "loop.max_iterations",
     "model.max_batch_size",
+    "model.generate_engine",  # the same model sampled by another backend: records already made stay valid
     "selection.concurrency",
     "eval.concurrency",
     "sft.checkpoint_every_steps",
@@ -156,15 +157,23 @@ class Run:
 
     def _engine_for(self, adapter: Path | None) -> tuple[Any, str | None]:
         """The sampling engine (created once) with `adapter` loaded; returns it and the adapter's name."""
-        from server.engine.transformers import TransformersEngine
+        from server import model_store
+        from server.engine import create_engine
 
+        model = self.config.model
         if self._engine is None and self._engine_factory is not None:
             self._engine = self._engine_factory(self.base_dir)
+        elif self._engine is None and model.generate_engine == "llamacpp":
+            gguf = model_store.gguf_path(model.base, progress=self.progress)
+            self._engine = create_engine(
+                "llamacpp", str(self.base_dir), gguf=gguf, max_batch_size=model.max_batch_size, progress=self.progress
+            )
         elif self._engine is None:
-            self._engine = TransformersEngine(
-                self.base_dir,
-                max_batch_size=self.config.model.max_batch_size,
-                dtype=self.config.model.generate_dtype,
+            self._engine = create_engine(
+                model.generate_engine,
+                str(self.base_dir),
+                max_batch_size=model.max_batch_size,
+                dtype=model.generate_dtype,
                 prefix_cache_tokens=0,
             )
         if adapter is None:

@@ -11,7 +11,7 @@ from server.engine.base import (
     TokenLogprob,
 )
 
-ENGINES = ("transformers", "vllm")
+ENGINES = ("transformers", "vllm", "llamacpp")
 
 __all__ = [
     "ENGINES",
@@ -37,4 +37,8 @@ def create_engine(kind: str, model_dir: str, **options: object) -> Engine:
         from server.engine.vllm import VllmEngine
 
         return VllmEngine(model_dir, **options)  # type: ignore[arg-type]
+    if kind == "llamacpp":
+        from server.engine.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(model_dir, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")

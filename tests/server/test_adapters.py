@@ -21,24 +21,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import model_store
-from tests.conftest import REPO, SMOL, RunningServer, start_server
+from tests.conftest import REPO, SMOL, RunningServer, make_lora, start_server
 
 ADMIN_KEY = "admin-key"
 PROMPT = [{"role": "user", "content": "Name a color."}]
+TARGETS = ("q_proj", "v_proj")
 SHADE = "shade-0.5b.v2"  # hot-loaded; dots as in the names `toolace-r train` gives (peft refuses them in its own)
-
-
-def make_lora(
-    model_dir: Path, out: Path, *, seed: int, rank: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")
-) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    # init_lora_weights=False leaves B random instead of zero: the adapter changes the output from the first step.
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(out)  # safetensors by default
 
 
 def write_manifest(adapter: Path, sha256: str, **fields: Any) -> None:
@@ -53,9 +41,9 @@ def layout(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     root, outside = top / "adapters", top / "outside"
     root.mkdir()
     sha = model_store.EMBEDDED_MODELS[SMOL].sha256
-    make_lora(smol_dir, root / "color", seed=1)
+    make_lora(smol_dir, root / "color", seed=1, targets=TARGETS)
     write_manifest(root / "color", sha)
-    make_lora(smol_dir, root / "staging" / SHADE, seed=2)  # not registered at start: a level too deep
+    make_lora(smol_dir, root / "staging" / SHADE, seed=2, targets=TARGETS)  # not registered at start: a level too deep
     write_manifest(root / "staging" / SHADE, sha)
     shutil.copytree(root / "color", root / "native-color")
     write_manifest(root / "native-color", sha, prompt_format="native")  # trained on the model's own template
