@@ -14,8 +14,12 @@ What maps where:
   llama.cpp's own schema-to-grammar converter; `logprobs` are llama.cpp's pre-sampling probabilities;
 - not supported, by design of this backend: the Lark `grammar` of tool_choice "auto" (llama.cpp would need
   llguidance, which needs crates.io at build time): those requests decode freely, which the protocol allows;
-  `draft` (the refine round's prompt starts with the previous round's, and the slot's prompt cache reuses it);
+  `draft` as such: llama-server runs prompt-lookup speculative decoding (`--spec-type ngram-simple`), which proposes
+  the previous answer from the refine round's own prompt and verifies it in batches, and its slot prompt cache
+  reuses the previous round's prompt;
   `cache_salt` (llama.cpp keys its cache on tokens only; prompts of different tenants can share a prefix's KV);
+  and its host-RAM prompt cache is off (it keys saved KV on tokens alone, so a request could resume KV that an
+  adapter computed); each slot's own cache stays, cleared by llama-server when the slot's adapter changes;
 - adapters: a peft LoRA directory is converted to a GGUF LoRA (llama.cpp's `convert_lora_to_gguf.py`) at load;
   llama-server only loads LoRA files at start-up, so loading or unloading one starts a new server with the new set
   (a few seconds) and retires the old one when its last request ends: requests in flight are not lost. A request
@@ -30,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +64,7 @@ from server.engine.base import (
 from server.engine.llamacpp_build import server_binary, source_dir
 
 log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # else one INFO line per loopback call to llama-server
 
 # The shared KV pool llama-server allocates up front (Qwen2.5-0.5B: 12 KiB a token, 0.75 GiB for this); one sequence
 # may still use the model's whole context.
@@ -171,12 +177,11 @@ class LlamaCppEngine:
             "--threads", threads,
             "--threads-batch", threads,
             "--no-webui",
-            # No host-RAM prompt cache: it keys saved KV on tokens alone, so a request could resume KV an adapter
-            # computed (seen: base requests answering with the adapter's distribution). Each slot keeps its own
-            # cache, which llama-server clears when the slot's adapter changes, and requests go to the slot whose
-            # cached prompt matches best.
-            "--cache-ram", "0",
+            "--cache-ram", "0",  # seen without: base requests answering with an adapter's distribution
             "--lora-init-without-apply",  # a request names the adapter it wants; others stay at scale 0
+            # Prompt lookup: n-grams of the context proposed as drafts and verified in one batch. A refine round
+            # repeating the previous answer (which is in its prompt) is verified instead of decoded token by token.
+            "--spec-type", "ngram-simple",
         ]  # fmt: skip
         self._binary = server_binary(progress=progress)
         self._work = Path(tempfile.mkdtemp(prefix="toolace-llamacpp-"))
@@ -223,11 +228,13 @@ class LlamaCppEngine:
                 results = await self._stream(client, body, params.n, streamed)
         finally:
             server.leave()
-        timings = results[0].get("timings", {})
+        timings = [r.get("timings", {}) for r in results]
         return Generation(
             prompt_tokens=len(ids),
             completions=tuple(self._completion(r, params) for r in results),
-            cached_tokens=int(timings.get("cache_n", 0)),
+            cached_tokens=int(timings[0].get("cache_n", 0)),
+            draft_tokens=sum(int(t.get("draft_n", 0)) for t in timings),
+            draft_accepted_tokens=sum(int(t.get("draft_n_accepted", 0)) for t in timings),
         )
 
     def adapters(self) -> list[str]:
@@ -244,6 +251,7 @@ class LlamaCppEngine:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._server.stop)
+        shutil.rmtree(self._work, ignore_errors=True)
 
     # ---- requests ----
 

@@ -225,3 +225,15 @@ def test_the_server_answers_and_streams_on_llamacpp(llamacpp_server: RunningServ
     stream = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=16, stream=True)
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert streamed.strip()
+
+
+def test_a_repeated_answer_is_verified_as_a_draft(engine: LlamaCppEngine) -> None:
+    """A refine round: the previous answer is in the prompt, and prompt lookup proposes it as the draft."""
+    answer = "[get_weather(city='Paris', unit='celsius'), get_time(timezone='Europe/Paris')]"
+    conversation = [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Repeat your previous answer exactly."},
+    ]
+    result = asyncio.run(engine.generate(conversation, SamplingParams(max_tokens=40)))
+    assert result.draft_accepted_tokens > 5 and result.draft_tokens >= result.draft_accepted_tokens, result
