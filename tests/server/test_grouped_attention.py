@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -83,3 +86,13 @@ def test_a_model_decodes_the_same_tokens_with_it() -> None:
     grouped_tokens, grouped_logits = decode(grouped)
     assert grouped_tokens == stock_tokens
     torch.testing.assert_close(grouped_logits, stock_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_uses_it_by_default(smol_dir: Path) -> None:
+    from server.engine.transformers import TransformersEngine
+
+    engine = TransformersEngine(smol_dir, max_batch_size=1)
+    try:
+        assert engine.model.config._attn_implementation == grouped_attention.NAME
+    finally:
+        asyncio.run(engine.close())

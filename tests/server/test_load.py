@@ -62,5 +62,6 @@ def test_refusals_at_capacity_are_429_with_retry_after(small_server: RunningServ
 
 def test_streamed_refusals_at_capacity_are_429_with_retry_after(small_server: RunningServer) -> None:
     bodies = [{**b, "stream": True} for b in request_bodies(small_server.model, 32, 8, 2)]
-    outcomes, _ = load(small_server, bodies)
+    outcomes, summary = load(small_server, bodies)
     assert_all_answered(small_server, outcomes, 32)
+    assert summary["by_status"].get("200", 0) >= 4 and summary["by_status"].get("429", 0) > 0, summary

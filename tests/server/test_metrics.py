@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer
+from tests.conftest import SMOL, RunningServer, start_server
 
 HELLO = [{"role": "user", "content": "Say hello in three words."}]
 
@@ -68,5 +70,13 @@ def test_refinement_and_request_metrics_move(smol_server: RunningServer) -> None
     assert value(after, "toolace_requests_in_flight") == 0
 
 
-def test_metrics_need_the_api_key_unless_public(smol_server: RunningServer) -> None:
+@pytest.fixture(scope="module")
+def public_server(smol_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    yield from start_server(SMOL, tmp_path_factory.mktemp("metrics-public"), "--metrics-public")
+
+
+def test_metrics_need_the_api_key_unless_public(smol_server: RunningServer, public_server: RunningServer) -> None:
     assert httpx.get(f"{smol_server.base_url}/metrics").status_code == 401
+    public = httpx.get(f"{public_server.base_url}/metrics")
+    assert public.status_code == 200 and "toolace_requests_in_flight" in public.text
+    assert httpx.get(f"{public_server.v1}/models").status_code == 401  # only /metrics opens up

@@ -1,17 +1,18 @@
 """The CI proof: the tiny config end to end (selection, refine data, training, adapter written), then the adapter
-loads with peft on the base model, changes its logits, and the server's engine generates with it."""
+loads with peft on the base model, changes its logits, and the server registers and serves it by name."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import openai
 import torch
 from safetensors.torch import load_file
 
-from server.engine.base import SamplingParams
+from tests.conftest import SMOL, start_server
 from training.cli import main
 
 CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.yaml"
@@ -38,10 +39,16 @@ def test_tiny_config_end_to_end(smol_dir: Path, tmp_path: Path) -> None:
     assert all(t.dtype == torch.bfloat16 for t in weights.values())
 
     # Resuming a finished run redoes nothing and publishes the same adapter.
+    run_files = {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "state.json"
+    }
+    published = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main([*argv, "--no-progress"]) == 0
+    assert run_files and {p: p.stat().st_mtime_ns for p in run_files} == run_files  # no record rewritten
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == published
 
     _adapter_changes_logits(smol_dir, out)
-    _engine_serves_adapter(smol_dir, out)
+    _server_serves_adapter(tmp_path / "adapters", tmp_path / "logs")
 
 
 def _adapter_changes_logits(base_dir: Path, adapter_dir: Path) -> None:
@@ -58,18 +65,12 @@ def _adapter_changes_logits(base_dir: Path, adapter_dir: Path) -> None:
     assert (adapted - base).abs().max() > 1e-3
 
 
-def _engine_serves_adapter(base_dir: Path, adapter_dir: Path) -> None:
-    from server.engine.transformers import TransformersEngine
-
-    async def run() -> None:
-        engine = TransformersEngine(base_dir, max_batch_size=2)
-        try:
-            await engine.load_adapter("tiny", adapter_dir)
-            assert engine.adapters() == ["tiny"]
-            messages = [{"role": "user", "content": "Weather in Paris?"}]
-            generation = await engine.generate(messages, SamplingParams(max_tokens=8), adapter="tiny")
-            assert generation.completions[0].token_ids
-        finally:
-            await engine.close()
-
-    asyncio.run(run())
+def _server_serves_adapter(adapters_dir: Path, log_dir: Path) -> None:
+    """As the README says: `toolace-r serve --adapters-dir` registers the published adapter under its name."""
+    log_dir.mkdir()
+    with contextmanager(start_server)(SMOL, log_dir, "--adapters-dir", str(adapters_dir)) as server:
+        client = openai.OpenAI(base_url=server.v1, api_key=server.api_key)
+        assert "tiny-smollm2" in {m.id for m in client.models.list()}
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        reply = client.chat.completions.create(model="tiny-smollm2", messages=messages, max_tokens=8)  # type: ignore[arg-type]
+        assert reply.model == "tiny-smollm2" and reply.usage and reply.usage.completion_tokens > 0

@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("bfcl_eval")
-
 from training.evaluation import bfcl, report  # noqa: E402
 from training.evaluation.runner import _history_scores  # noqa: E402
 

@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-
-pytest.importorskip("bfcl_eval")
-
 import openai  # noqa: E402
+import pytest
 from openai.types.chat import ChatCompletion  # noqa: E402
 
 from training.evaluation import bfcl, cli, multi_turn, report  # noqa: E402
