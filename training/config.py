@@ -50,6 +50,10 @@ class SelectionConfig:
     max_differing_values: int = 1  # the paper's ≈; 0 = exact match
     concurrency: int = 2  # samples in flight at once (each is one n=k request)
     seed: int = 0
+    # Train on samples whose answer is several calls even when pass@k missed them. A deviation from the paper for one
+    # case: a model that never writes two calls in the prompt format (Qwen's native template: 0 of k on every
+    # parallel sample) cannot have parallel calls selected into its data, so later iterations could never reach them.
+    keep_multi_call: bool = False
 
 
 @dataclass

@@ -45,6 +45,7 @@ _RESUMABLE_CHANGES = {
     "loop.max_iterations",
     "model.max_batch_size",
     "model.generate_engine",  # the same model sampled by another backend: records already made stay valid
+    "selection.keep_multi_call",  # read when an iteration's examples are built; built ones stay as they were
     "selection.concurrency",
     "eval.concurrency",
     "sft.checkpoint_every_steps",
@@ -343,6 +344,10 @@ class Run:
         chosen = [s for s in pool if selection[s.id]["selected"]]
         examples = direct_examples(chosen, self.config.format())
         summary = {"direct": len(examples), "refine_stop": 0, "refine_fix": 0, "refine_fix_rejected": 0}
+        if self.config.selection.keep_multi_call:
+            kept = [s for s in pool if not selection[s.id]["selected"] and len(s.ground_truth) > 1]
+            examples += direct_examples(kept, self.config.format())
+            summary["kept_multi_call"] = len(kept)
         if self.config.refine.enabled:
             engine, name = self._engine_for(adapter)
             examples += asyncio.run(

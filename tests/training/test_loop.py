@@ -97,3 +97,19 @@ def test_a_changed_config_is_not_mixed_into_an_old_run(scripted, tmp_path: Path)
     more = _config(tmp_path)
     more.loop.max_iterations = 5  # allowed: the run already stopped on its own rule
     train(more, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+
+
+def test_multi_call_samples_are_kept_when_asked_even_if_never_selected(scripted, tmp_path: Path) -> None:  # noqa: ANN001
+    """A model that never writes two calls (here: always one call) selects no parallel sample; keep_multi_call
+    trains on them as given, and only on those."""
+    samples = load_source(SOURCE)
+    assert all(len(s.ground_truth) > 1 for s in samples)
+    engine = scripted(lambda messages, params: ["[f(a=1)]"] * params.n)
+    config = _config(tmp_path)
+    config.selection.keep_multi_call = True
+    config.loop.max_iterations = 1
+    manifest = train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+    (iteration,) = manifest["iterations"]
+    assert iteration["selected"] == 0 and iteration["refine"]["kept_multi_call"] == 6
+    examples = (tmp_path / "run" / "iter_1" / "examples.jsonl").read_text().splitlines()
+    assert len(examples) == 6
