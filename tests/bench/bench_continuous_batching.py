@@ -1,9 +1,10 @@
 """Benchmark: continuous batching in the transformers engine against batches that admit nobody until they end.
 
 Mixed traffic as an inference server sees it: most requests want a short answer, a few a long one (a JSON array
-of 40 numbers that the schema keeps from ending early). All are sent at once, `--concurrency` at a time, to one
-engine with continuous batching and then to one without; both engines are built in this one process and run the
-same requests in the same order. Reported: wall time, completion tokens per second, and the latency of the short
+of 40 numbers that the schema keeps from ending early). All are sent at once, `--concurrency` at a time, to an
+engine with continuous batching and to one without; both engines live in this one process and run the same requests
+in the same order, taking turns in ABBA rounds (`--rounds`) so that background load drifting over the run weighs on
+both alike. Reported: wall time, completion tokens per second, and the latency of the short
 requests (p50 / p95), plus the gains of continuous batching: its throughput over the static one's, and the static
 short-request p50 over its own.
 
@@ -38,6 +39,7 @@ def workload(requests: int, long_every: int) -> list[tuple[str, SamplingParams]]
 
 
 async def run(engine: TransformersEngine, work: list[tuple[str, SamplingParams]], concurrency: int) -> dict[str, Any]:
+    """One round: wall time, completion tokens, and each short request's latency."""
     gate = asyncio.Semaphore(concurrency)
     short_latencies: list[float] = []
     tokens = 0
@@ -53,13 +55,18 @@ async def run(engine: TransformersEngine, work: list[tuple[str, SamplingParams]]
 
     start = time.perf_counter()
     await asyncio.gather(*(one(q, p) for q, p in work))
-    wall = time.perf_counter() - start
-    cuts = statistics.quantiles(short_latencies, n=20)
+    return {"wall": time.perf_counter() - start, "tokens": tokens, "short": short_latencies}
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    wall = sum(r["wall"] for r in rounds)
+    short = [latency for r in rounds for latency in r["short"]]
     return {
+        "rounds": len(rounds),
         "wall_s": round(wall, 2),
-        "completion_tok_per_s": round(tokens / wall, 1),
-        "short_p50_s": round(statistics.median(short_latencies), 2),
-        "short_p95_s": round(cuts[18], 2),
+        "completion_tok_per_s": round(sum(r["tokens"] for r in rounds) / wall, 1),
+        "short_p50_s": round(statistics.median(short), 2),
+        "short_p95_s": round(statistics.quantiles(short, n=20)[18], 2),
     }
 
 
@@ -70,17 +77,26 @@ def main() -> None:
     parser.add_argument("--long-every", type=int, default=6, help="every k-th request wants a long answer")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="per configuration, in ABBA order")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model_dir = resolve(args.model)
     work = workload(args.requests, args.long_every)
-    results: dict[str, Any] = {}
-    for name, continuous in (("continuous", True), ("static", False)):
-        engine = TransformersEngine(model_dir, max_batch_size=args.max_batch_size, continuous_batching=continuous)
+    engines = {
+        name: TransformersEngine(model_dir, max_batch_size=args.max_batch_size, continuous_batching=continuous)
+        for name, continuous in (("continuous", True), ("static", False))
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
+    for engine in engines.values():
         asyncio.run(run(engine, work[1:4], 2))  # warm-up
-        results[name] = asyncio.run(run(engine, work, args.concurrency))
+    order = [("continuous", "static"), ("static", "continuous")] * ((args.rounds + 1) // 2)
+    for pair in order[: args.rounds]:
+        for name in pair:
+            rounds[name].append(asyncio.run(run(engines[name], work, args.concurrency)))
+            print(name, f"{rounds[name][-1]['wall']:.1f} s", flush=True)
+    for engine in engines.values():
         asyncio.run(engine.close())
-        print(name, results[name], flush=True)
+    results = {name: summarize(r) for name, r in rounds.items()}
     summary = {
         "model": args.model,
         "requests": args.requests,
