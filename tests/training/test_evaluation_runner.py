@@ -75,12 +75,14 @@ def _config(tmp_path: Path, **kw: Any) -> EvalConfig:
 
 
 def test_rows_resume_and_failures(tmp_path: Path) -> None:
-    client = StubClient(fail_ids={"hypotenuse"})
     config = _config(tmp_path, modes=("none", "vanilla"), max_refine_iterations=2, categories=("simple_python",))
+    client = StubClient()
     evaluator = Evaluator(config, client)
+    failing = evaluator.work()[0][1].messages[0]["content"]  # one of the questions the subset holds
+    client.fail_ids = {failing}
     stats = evaluator.run()
     rows = list(read_jsonl(tmp_path / RESULTS_FILE))
-    assert stats.failed > 0 and stats.sent == len(rows) == 6 - stats.failed  # the "hypotenuse" question failed
+    assert stats.failed == 2 and stats.sent == len(rows) == 6 - stats.failed  # that question, in both modes
     for row in rows:
         assert {
             "id",
