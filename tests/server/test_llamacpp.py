@@ -2,7 +2,7 @@
 applied per request), cancellation, and the server on top of it through the openai client.
 
 One engine serves the module (llama-server starts in about a second). `make install-test` builds llama-server
-(once per machine, 10-15 minutes on 2 cores), so these tests run everywhere the suite does.
+(once per machine, about 15 minutes on 2 cores), so these tests run everywhere the suite does.
 """
 
 from __future__ import annotations
