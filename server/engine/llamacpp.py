@@ -89,7 +89,9 @@ def server_args(max_model_len: int, slots: int, threads: int | None = None) -> l
         "--lora-init-without-apply",  # a request names the adapter it wants; others stay at scale 0
         # Prompt lookup: n-grams of the context proposed as drafts and verified in one batch. A refine round
         # repeating the previous answer (which is in its prompt) is verified instead of decoded token by token.
-        "--spec-type", "ngram-simple",
+        # Lookup on the last 4 tokens, not llama.cpp's 12: drafting starts 8 tokens sooner in a short tool call
+        # (a 47-token repeat: 45 of 48 draft tokens accepted and 39 tok/s, against 40 of 48 and 23-29 tok/s).
+        "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
     ]  # fmt: skip
 
 
