@@ -9,6 +9,21 @@ from server.engine import Engine, SamplingParams
 HELLO = [{"role": "user", "content": "Say hello in three words."}]
 
 
+def check_generate_from_messages_and_from_token_ids(engine: Engine) -> None:
+    """The same answer from messages and from their token ids; the end-of-turn token reported apart from the text's
+    tokens, which decode to the text. (`engine.tokenizer`: the backend's Hugging Face tokenizer.)"""
+    params = SamplingParams(max_tokens=24)
+    from_messages = asyncio.run(engine.generate(HELLO, params))
+    from_ids = asyncio.run(engine.generate(engine.encode_chat(HELLO), params))
+    assert from_messages.text == from_ids.text and from_messages.text.strip()
+    assert from_messages.prompt_tokens == len(engine.encode_chat(HELLO))
+    completion = from_messages.completions[0]
+    assert completion.finish_reason == "stop" and completion.stop_token_id is not None
+    assert completion.stop_token_id not in completion.token_ids
+    tokenizer = engine.tokenizer  # type: ignore[attr-defined]
+    assert tokenizer.decode(completion.token_ids, skip_special_tokens=True) == completion.text
+
+
 def check_max_tokens_and_stop(engine: Engine) -> None:
     story = [{"role": "user", "content": "Write a long story about a dragon."}]
     cut = asyncio.run(engine.generate(story, SamplingParams(max_tokens=7)))

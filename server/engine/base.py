@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,23 @@ def encode_chat(
         [dict(m) for m in messages], tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=False
     )
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def model_configs(model_dir: Path) -> list[Any]:
+    """A checkpoint's configs read from disk, for engines that do not load the weights here: the generation config
+    (when there is one) and the model config, the order `eos_token_ids` reads them in."""
+    from transformers import AutoConfig, GenerationConfig
+
+    configs: list[Any] = [AutoConfig.from_pretrained(model_dir)]
+    with contextlib.suppress(OSError):  # no generation_config.json
+        configs.insert(0, GenerationConfig.from_pretrained(model_dir))
+    return configs
+
+
+def context_length(config: Any, max_model_len: int | None) -> int:
+    """The model's context length (its config's), capped at `max_model_len` when given."""
+    config_len = int(getattr(config, "max_position_embeddings", 2048))
+    return min(config_len, max_model_len) if max_model_len else config_len
 
 
 def eos_token_ids(tokenizer: Any, configs: Sequence[Any]) -> set[int]:

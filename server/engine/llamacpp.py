@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from server.engine.base import (
     ChatMessage,
@@ -57,8 +57,10 @@ from server.engine.base import (
     SamplingParams,
     TokenLogprob,
     checked_prompt_ids,
+    context_length,
     encode_chat,
     eos_token_ids,
+    model_configs,
     seed_for,
 )
 from server.engine.llamacpp_build import server_binary, source_dir
@@ -209,13 +211,9 @@ class LlamaCppEngine:
         self.gguf = Path(gguf)
         self.model_name = model_name or self.model_dir.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        config = AutoConfig.from_pretrained(self.model_dir)
-        config_len = int(getattr(config, "max_position_embeddings", 2048))
-        self.max_model_len = min(config_len, max_model_len) if max_model_len else config_len
-        generation_config = None
-        with contextlib.suppress(OSError):
-            generation_config = GenerationConfig.from_pretrained(self.model_dir)
-        self._eos_ids = eos_token_ids(self.tokenizer, [generation_config, config])
+        configs = model_configs(self.model_dir)
+        self.max_model_len = context_length(configs[-1], max_model_len)
+        self._eos_ids = eos_token_ids(self.tokenizer, configs)
         self.cache_prompt = prefix_cache_tokens > 0
         self._args = server_args(self.max_model_len, max_batch_size, num_threads)
         self._binary = server_binary(progress=progress)

@@ -44,6 +44,7 @@ from server.engine.base import (
     SamplingParams,
     TokenLogprob,
     checked_prompt_ids,
+    context_length,
     encode_chat,
     eos_token_ids,
     seed_for,
@@ -140,8 +141,7 @@ class TransformersEngine:
             attn_implementation=attn_implementation or grouped_attention.NAME,
         )
         self.model.eval()
-        config_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.max_model_len = min(config_len, max_model_len) if max_model_len else config_len
+        self.max_model_len = context_length(self.model.config, max_model_len)
         self.max_batch_size = max_batch_size
         self.continuous_batching = continuous_batching
         self._eos_ids = eos_token_ids(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import itertools
 import json
 import logging
@@ -39,7 +38,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from server.engine.base import (
     ChatMessage,
@@ -52,6 +51,7 @@ from server.engine.base import (
     checked_prompt_ids,
     encode_chat,
     eos_token_ids,
+    model_configs,
     seed_for,
 )
 
@@ -99,7 +99,7 @@ class VllmEngine:
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._eos_ids = eos_token_ids(self.tokenizer, self._model_configs())
+        self._eos_ids = eos_token_ids(self.tokenizer, model_configs(self.model_dir))
         self.enable_lora = enable_lora
         self.max_lora_rank = max_lora_rank
         if enable_prefix_caching is None:
@@ -155,13 +155,6 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         return AsyncLLM.from_engine_args(args)
-
-    def _model_configs(self) -> list[Any]:
-        """The configs that name end-of-turn tokens, read from disk (vLLM loads the weights in its own process)."""
-        configs: list[Any] = [AutoConfig.from_pretrained(self.model_dir)]
-        with contextlib.suppress(OSError):  # no generation_config.json
-            configs.insert(0, GenerationConfig.from_pretrained(self.model_dir))
-        return configs
 
     # ---- public API (caller's event loop) ----
 

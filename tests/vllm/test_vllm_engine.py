@@ -22,6 +22,7 @@ from server.engine.transformers import TransformersEngine
 from server.engine.vllm import VllmEngine
 from tests.engine_contract import (
     HELLO,
+    check_generate_from_messages_and_from_token_ids,
     check_logprobs,
     check_max_tokens_and_stop,
     check_seeded_sampling_is_reproducible_and_n_gives_distinct_samples,
@@ -84,15 +85,7 @@ def test_prompts_are_those_of_the_transformers_backend(engine: VllmEngine, refer
 
 
 def test_generate_from_messages_and_from_token_ids(engine: VllmEngine) -> None:
-    params = SamplingParams(max_tokens=24)
-    from_messages = asyncio.run(engine.generate(HELLO, params))
-    from_ids = asyncio.run(engine.generate(engine.encode_chat(HELLO), params))
-    assert from_messages.text == from_ids.text and from_messages.text.strip()
-    assert from_messages.prompt_tokens == len(engine.encode_chat(HELLO))
-    completion = from_messages.completions[0]
-    assert completion.finish_reason == "stop" and completion.stop_token_id is not None
-    assert completion.stop_token_id not in completion.token_ids  # the end-of-turn token is reported apart
-    assert engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True) == completion.text
+    check_generate_from_messages_and_from_token_ids(engine)
 
 
 def test_logprobs(engine: VllmEngine) -> None:
