@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +90,13 @@ class BaseModel:
         return cls(shapes, base_sha256(model_dir))
 
 
-def check_name(name: str, served_model: str) -> None:
+def check_name(name: str, base_names: Collection[str]) -> None:
     if not NAME_PATTERN.fullmatch(name):
         raise AdapterError(
             "An adapter name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
             param="lora_name",
         )
-    if name == served_model:
+    if name in base_names:
         raise AdapterError(f"'{name}' is the base model's name.", param="lora_name")
 
 
@@ -182,13 +182,13 @@ class AdapterRegistry:
         engine: Engine,
         root: Path,
         base: BaseModel,
-        served_model: str,
+        base_names: Collection[str],
         *,
         max_loaded: int = 4,
         max_rank: int = 64,
     ) -> None:
         self.engine, self.root, self.base = engine, root, base
-        self.served_model = served_model
+        self.base_names = frozenset(base_names)  # the base model's served name and its aliases
         self.max_loaded, self.max_rank = max_loaded, max_rank
         self._known: dict[str, AdapterInfo] = {}
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
@@ -218,7 +218,7 @@ class AdapterRegistry:
                 log.warning("adapter %s skipped: %s", path.name, exc)
 
     def _register(self, name: str, given: str | Path) -> AdapterInfo:
-        check_name(name, self.served_model)
+        check_name(name, self.base_names)
         info = inspect(name, resolve_inside(self.root, given), self.root, self.base, self.max_rank)
         if info.manifest is None:
             log.warning("adapter %s has no %s: its base model is checked by tensor shapes only", name, MANIFEST)

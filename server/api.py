@@ -1,4 +1,5 @@
-"""HTTP only: routes, auth, validation errors in OpenAI's shape. The logic lives in serving.ChatService."""
+"""HTTP only: routes, auth, validation errors in OpenAI's shape. The logic lives in serving.ChatService; the
+Responses API is a translation over it (responses.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,12 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import __version__
+from server import __version__, responses
 from server.adapters import AdapterError
 from server.errors import APIError, NotFound, Unauthorized, error_body
 from server.metrics import CONTENT_TYPE
 from server.middleware import BodyGuard, JSONBodyByDefault, RequestLog, RequestMetrics
-from server.protocol import ChatCompletionRequest, LoadLoraAdapter, UnloadLoraAdapter
+from server.protocol import ChatCompletionRequest, ChatCompletionResponse, LoadLoraAdapter, UnloadLoraAdapter
 from server.refine import RefineMode
 from server.serving import ChatService, Plan
 from server.streaming import sse
@@ -61,6 +62,9 @@ async def _finished_before_disconnect(request: Request, work: asyncio.Future[Any
 
 
 _END = object()  # the end of a stream, in the queue between its producer and the response
+
+# The SSE bytes of an endpoint's stream, made from the chat completion chunks (streaming.sse, responses.sse).
+Framer = Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]]
 
 
 def _bearer_matches(request: Request, key: str) -> bool:
@@ -161,18 +165,51 @@ def create_app(
         request.state.model = service.model_label(body.model)
         plan = service.plan(body, refine)  # every check that can fail, before any work and before a stream starts
         request.state.log = plan.log
-        if body.stream:
-            return await streamed(request, plan)
+        return await answered(request, plan, ChatCompletionResponse.to_json, sse)
+
+    @app.post("/v1/responses", dependencies=[Depends(authorize)])
+    async def create_response(
+        request: Request,
+        body: responses.ResponsesRequest,
+        refine: RefineMode | None = Query(default=None, description="refinement mode, when the body has none"),
+    ) -> Response:
+        """OpenAI's Responses API, stateless, on the chat completions path (server/responses.py translates)."""
+        chat = responses.to_chat_request(body)
+        request.state.model = service.model_label(chat.model)
+        try:
+            plan = service.plan(chat, refine)
+        except APIError as exc:  # name the Responses field, not the chat field it became
+            exc.param = responses.responses_param(exc.param)
+            raise
+        request.state.log = plan.log
+        return await answered(
+            request,
+            plan,
+            lambda completion: responses.from_chat(body, plan.params, completion),
+            lambda chunks: responses.sse(body, plan.params, plan.model, chunks),
+        )
+
+    async def answered(
+        request: Request,
+        plan: Plan,
+        to_json: Callable[[ChatCompletionResponse], dict[str, Any]],
+        frame: Framer,
+    ) -> Response:
+        """Run a planned request: the whole answer as JSON (`to_json`), or streamed as the events `frame` makes
+        of the chat completion chunks."""
+        if plan.request.stream:
+            return await streamed(request, plan, frame)
         work = asyncio.ensure_future(service.complete(plan))
         if not await _finished_before_disconnect(request, work):
             return client_went_away(request, plan)
-        return JSONResponse(work.result().to_json())
+        return JSONResponse(to_json(work.result()))
 
-    async def streamed(request: Request, plan: Plan) -> Response:
+    async def streamed(request: Request, plan: Plan, frame: Framer) -> Response:
         """The stream's chunks are produced in a task of their own, which holds the request's slot and deadline for
         its whole life (an asyncio deadline belongs to one task). Admission (429 when too many wait, 504 past the
         deadline) comes before the first chunk: waiting for that here makes a refusal a plain HTTP error, not an
-        event inside a 200 stream. After that, errors are events (sse); a client that goes away cancels the task."""
+        event inside a 200 stream. After that, errors are events (`frame` turns the chunks, and an error among them,
+        into the endpoint's SSE bytes); a client that goes away cancels the task."""
         chunks: asyncio.Queue[Any] = asyncio.Queue()
 
         async def produce() -> None:
@@ -205,7 +242,7 @@ def create_app(
                     producer.cancel()
                     client_went_away(request, plan)
 
-        return StreamingResponse(sse(relay()), media_type="text/event-stream")
+        return StreamingResponse(frame(relay()), media_type="text/event-stream")
 
     def client_went_away(request: Request, plan: Plan) -> Response:
         service.metrics.cancelled.labels(request.state.model, "client_disconnect").inc()

@@ -50,7 +50,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         default="default",
         help=f"'default', one of {', '.join(model_store.EMBEDDED_MODELS)}, or a Hugging Face directory",
     )
-    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model)")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the name(s) clients send as `model` for the base model (default: --model); answers carry the first, "
+        "the others are aliases for clients that insist on a name (BFCL's runner sends gpt-4o-2024-11-20)",
+    )
     p.add_argument(
         "--engine",
         choices=ENGINES,
@@ -175,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = model_store.resolve(args.model)
-    name = args.served_model_name or model_store.model_name(args.model)
+    name, *aliases = args.served_model_name or [model_store.model_name(args.model)]
     options: dict[str, Any] = {
         "model_name": name,
         "max_batch_size": args.max_batch_size,
@@ -198,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = create_engine(args.engine, str(model_dir), **options)
     config = ServingConfig(
         served_model_name=name,
+        model_aliases=tuple(aliases),
         prompt_format=PromptFormat(args.prompt_format),
         default_temperature=args.default_temperature,
         default_max_tokens=args.default_max_tokens,
@@ -210,7 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
         engine,
         args.adapters_dir,
         BaseModel.from_dir(model_dir),
-        name,
+        (name, *aliases),
         max_loaded=args.max_loaded_adapters,
         max_rank=args.max_lora_rank,
     )

@@ -43,9 +43,14 @@ class Metrics:
             registry=r,
         )
         self.requests = Counter(
-            "toolace_requests_total", "Chat completion requests by HTTP status class", ["model", "status"], registry=r
+            "toolace_requests_total",
+            "Chat completion and response requests by HTTP status class",
+            ["model", "status"],
+            registry=r,
         )
-        self.in_flight = Gauge("toolace_requests_in_flight", "Chat completion requests being served", registry=r)
+        self.in_flight = Gauge(
+            "toolace_requests_in_flight", "Chat completion and response requests being served", registry=r
+        )
         self.rejected = Counter(
             "toolace_requests_rejected_total",
             "Requests refused with 429 because the queue was full",

@@ -157,15 +157,16 @@ class JSONBodyByDefault:
 
 
 class RequestMetrics:
-    """ASGI middleware: counts chat completions by status class and keeps the in-flight gauge."""
+    """ASGI middleware: counts generation requests (chat completions and responses) by status class and keeps the
+    in-flight gauge."""
 
-    PATH = "/v1/chat/completions"
+    PATHS = ("/v1/chat/completions", "/v1/responses")
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != self.PATH:
+        if scope["type"] != "http" or scope["path"] not in self.PATHS:
             await self.app(scope, receive, send)
             return
         status = 500

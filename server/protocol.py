@@ -17,8 +17,18 @@ SCHEMA_OBJECT_TYPES = ("object", "dict")  # "dict" is BFCL's spelling of a JSON 
 
 
 class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type '{self.type}' are not supported: this server takes text only")
+        if self.text is None:
+            raise ValueError("a text part needs `text`")
+        return self
 
 
 class FunctionCallIn(BaseModel):
@@ -97,6 +107,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # OpenAI's name is `schema`, which pydantic's BaseModel reserves
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's structured outputs: `json_object` (any JSON object) or `json_schema` (that schema; `strict` closes
+    its objects as OpenAI's strict mode does). Both are enforced by the grammar engine, strict or not."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('a "json_schema" response_format needs `json_schema`: {"name": ..., "schema": {...}}')
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     # Unknown fields are accepted and ignored (as OpenAI does); the service logs them.
     model_config = ConfigDict(extra="allow")
@@ -120,6 +152,7 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     metadata: dict[str, str] | None = None
     cache_salt: str | None = None  # as in vLLM: only requests with the same salt share cached prefixes
+    response_format: ResponseFormat | None = None
     # ToolACE-R extensions
     refine: RefineMode | None = None
     max_refine_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=1, le=MAX_ITERATIONS_LIMIT)

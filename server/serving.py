@@ -43,7 +43,7 @@ from server.protocol import (
     Usage,
 )
 from server.refine import Answer, RefineMode, RefineOutcome, run_refinement
-from server.tool_choice import call_schema, constraint_schema
+from server.tool_choice import call_or_answer_schema, call_schema, closed, constraint_schema
 from server.tool_grammar import tool_grammar
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ REFINE_PROMPT_ALLOWANCE = 64
 @dataclass(frozen=True)
 class ServingConfig:
     served_model_name: str
+    model_aliases: tuple[str, ...] = ()  # more names clients may send for the base model (answers name the first)
     prompt_format: PromptFormat = PromptFormat.PYTHONIC
     default_temperature: float = 0.0  # greedy unless asked: refinement converges on deterministic answers
     default_max_tokens: int = 512
@@ -144,11 +145,17 @@ class ChatService:
 
     def model_label(self, model: str) -> str:
         """The metrics label for a requested model: its name when served, else a fixed placeholder."""
-        return model if model == self.config.served_model_name or model in self.adapter_names() else UNKNOWN_MODEL
+        if model in self.base_names:
+            return self.config.served_model_name
+        return model if model in self.adapter_names() else UNKNOWN_MODEL
+
+    @property
+    def base_names(self) -> tuple[str, ...]:
+        return (self.config.served_model_name, *self.config.model_aliases)
 
     def models(self) -> ModelList:
         base = self.config.served_model_name
-        cards = [ModelCard(id=base, root=base, max_model_len=self.engine.max_model_len)]
+        cards = [ModelCard(id=name, root=base, max_model_len=self.engine.max_model_len) for name in self.base_names]
         cards += [ModelCard(id=name, root=base, parent=base) for name in self.adapter_names()]
         return ModelList(data=cards)
 
@@ -219,7 +226,18 @@ class ChatService:
         max_rounds = request.max_refine_iterations
         if "max_refine_iterations" not in request.model_fields_set:
             max_rounds = min(max_rounds, self.config.limits.max_refine_iterations)
-        return Plan(request, request.model, adapter, mode, max_rounds, prompt, params, use_tools, start, log_fields)
+        return Plan(
+            request,
+            self.model_label(request.model),
+            adapter,
+            mode,
+            max_rounds,
+            prompt,
+            params,
+            use_tools,
+            start,
+            log_fields,
+        )
 
     def prompt_format(self, adapter: str | None) -> PromptFormat:
         """An adapter is served in the format it was trained in (its manifest); the base model in the server's."""
@@ -228,11 +246,11 @@ class ChatService:
 
     def _route(self, model: str) -> str | None:
         """The adapter a model name routes to (None for the base model); 404 for an unknown name."""
-        if model == self.config.served_model_name:
+        if model in self.base_names:
             return None
         if model in self.adapter_names():
             return model
-        known = ", ".join([self.config.served_model_name, *self.adapter_names()])
+        known = ", ".join([*self.base_names, *self.adapter_names()])
         raise NotFound(f"The model '{model}' does not exist. Available: {known}", param="model", code="model_not_found")
 
     def _check_choices(self, request: ChatCompletionRequest) -> None:
@@ -253,9 +271,16 @@ class ChatService:
         named = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
         parallel = request.parallel_tool_calls is not False
         schema = constraint_schema(tools, named, parallel)
+        answer = self._answer_schema(request)
         grammar = None
-        if schema is not None:
+        if schema is not None:  # a call is due: response_format shapes text answers, and there is none
             self._check_decodable(tools, named, schema)
+        elif answer is not None:
+            schema = call_or_answer_schema(tools, parallel, answer) if tools and choice != "none" else answer
+            if error := schema_error(schema):
+                if tools and choice != "none" and not schema_error(answer):
+                    self._check_decodable(tools, "required", schema)
+                raise BadRequest(f"no answer can follow the requested JSON schema: {error}", param="response_format")
         elif tools and choice in (None, "auto"):
             wanted = self.config.tool_grammar if request.tool_grammar is None else request.tool_grammar
             grammar = self._auto_grammar(tools, parallel) if wanted else None
@@ -269,6 +294,18 @@ class ChatService:
             seed=request.seed,
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         )
+
+    @staticmethod
+    def _answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+        """The JSON schema response_format asks a text answer to follow; None for free text."""
+        response_format = request.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return {"type": "object"}
+        assert response_format.json_schema is not None  # the model's validator checked
+        schema = response_format.json_schema.schema_
+        return closed(schema) if response_format.json_schema.strict else schema
 
     def _auto_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str | None:
         """The lazy tool-call grammar of tool_choice "auto"; None (free decoding, with a warning) when the tools'

@@ -152,3 +152,14 @@ def constraint_schema(
     if "$defs" in one_call:
         schema["$defs"] = one_call.pop("$defs")
     return schema
+
+
+def call_or_answer_schema(
+    tools: Sequence[Mapping[str, Any]], parallel_tool_calls: bool, answer: Mapping[str, Any]
+) -> dict[str, Any]:
+    """tool_choice `auto` with a JSON response_format: the answer is either calls (as under `required`) or the JSON
+    answer. The answer schema moves to `$defs.answer` (its pointers rebased) beside the calls' definitions."""
+    calls = constraint_schema(tools, "required", parallel_tool_calls)
+    assert calls is not None
+    defs = {**calls.pop("$defs", {}), "answer": rebase_refs(dict(answer), "/$defs/answer")}
+    return {"anyOf": [calls, {"$ref": "#/$defs/answer"}], "$defs": defs}

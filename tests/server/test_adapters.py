@@ -24,6 +24,7 @@ from server import model_store
 from tests.conftest import REPO, SMOL, RunningServer, make_lora, start_server
 
 ADMIN_KEY = "admin-key"
+ALIAS = "gpt-4o-2024-11-20"  # what BFCL's own runner sends as `model`
 PROMPT = [{"role": "user", "content": "Name a color."}]
 TARGETS = ("q_proj", "v_proj")
 SHADE = "shade-0.5b.v2"  # hot-loaded; dots as in the names `toolace-r train` gives (peft refuses them in its own)
@@ -72,6 +73,9 @@ def server(layout: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         os.path.relpath(layout["root"], REPO),  # relative, as the default `adapters` is
         "--admin-api-key",
         ADMIN_KEY,
+        "--served-model-name",  # the base model's own name first (answers carry it), then an alias
+        SMOL,
+        ALIAS,
         "--max-loaded-adapters",
         "1",  # every switch between the two adapters evicts the other: LRU under test all along
         # Random adapters leave near-ties between tokens; in bf16 a cached and an uncached prefill of the same
@@ -105,7 +109,8 @@ def model_ids(server: RunningServer) -> dict[str, Any]:
 
 def test_start_registers_only_adapters_for_this_base(server: RunningServer) -> None:
     models = model_ids(server)
-    assert set(models) == {SMOL, "color", "native-color"}
+    assert set(models) == {SMOL, ALIAS, "color", "native-color"}
+    assert models[ALIAS].model_extra["root"] == SMOL
     assert models["color"].model_extra["parent"] == SMOL
     log = server.log()
     for rejected in ("foreign", "pickled", "wide", "misshapen", "link", "linked-file"):
@@ -116,6 +121,17 @@ def test_routing_by_model_name(server: RunningServer) -> None:
     base, color = answer(server, SMOL), answer(server, "color")
     assert base != color
     assert answer(server, SMOL) == base and answer(server, "color") == color  # greedy: each stays itself
+
+
+def test_an_alias_is_the_base_model(server: RunningServer) -> None:
+    base = httpx.post(
+        f"{server.v1}/chat/completions",
+        json={"model": ALIAS, "messages": PROMPT, "max_tokens": 12},
+        headers=server.headers,
+        timeout=120,
+    ).json()
+    assert base["model"] == SMOL  # answers name the first --served-model-name, as vLLM's do
+    assert base["choices"][0]["message"]["content"] == answer(server, SMOL) != answer(server, "color")
 
 
 def test_an_adapter_is_served_in_the_prompt_format_its_manifest_names(server: RunningServer) -> None:
@@ -192,7 +208,7 @@ def test_absolute_path_outside_the_root_is_refused(server: RunningServer, layout
 
 
 def test_bad_names_are_refused(server: RunningServer) -> None:
-    for name in ("../x", "", SMOL, "a" * 65):
+    for name in ("../x", "", SMOL, ALIAS, "a" * 65):
         response = admin(server, "load", {"lora_name": name, "lora_path": f"staging/{SHADE}"})
         assert response.status_code == 400 and response.json()["error"]["param"] == "lora_name", name
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
+from server.tool_choice import closed
 from server.toolcalls import canonical
 from tests.conftest import RunningServer
 from tests.samples import HELLO, WEATHER_TOOL
@@ -314,3 +317,104 @@ def test_curl_style_body_without_json_content_type(smol_server: RunningServer) -
         headers = {**smol_server.headers, **({"Content-Type": content_type} if content_type else {})}
         response = httpx.post(f"{smol_server.v1}/chat/completions", content=body, headers=headers, timeout=120)
         assert response.status_code == 200, response.text
+
+
+# ---- structured outputs: response_format ----
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer"},
+        "mood": {"enum": ["happy", "sad"]},
+    },
+    "required": ["name", "age", "mood"],
+}
+
+
+def test_json_object_is_json(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    # Unconstrained, SmolLM2 answers this in prose (the same request without response_format, checked below).
+    for seed in range(3):
+        result = client.chat.completions.create(
+            model=smol_server.model,
+            messages=HELLO,
+            response_format={"type": "json_object"},
+            max_tokens=48,
+            temperature=0.9,
+            seed=seed,
+        )
+        content = result.choices[0].message.content
+        if result.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(content or ""), dict), content
+        else:  # cut at max_tokens: a prefix of an object, never prose
+            assert (content or "").lstrip().startswith("{"), content
+    prose = client.chat.completions.create(model=smol_server.model, messages=HELLO, max_tokens=16)
+    with pytest.raises(ValueError):
+        json.loads(prose.choices[0].message.content or "")
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_json_schema_validates(smol_server: RunningServer, client: openai.OpenAI, strict: bool) -> None:
+    response_format: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": strict},
+    }
+    messages = [{"role": "user", "content": "Describe a person."}]
+    for stream in (False, True):
+        if stream:
+            chunks = client.chat.completions.create(
+                model=smol_server.model, messages=messages, response_format=response_format, max_tokens=96, stream=True
+            )
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            result = client.chat.completions.create(
+                model=smol_server.model, messages=messages, response_format=response_format, max_tokens=96
+            )
+            assert result.choices[0].finish_reason == "stop", result
+            content = result.choices[0].message.content or ""
+        person = json.loads(content)
+        jsonschema.validate(person, closed(PERSON) if strict else PERSON)
+
+
+def test_json_schema_beside_tools_is_a_call_or_the_answer(smol_server: RunningServer) -> None:
+    """tool_choice auto with a response_format: the answer is calls or the JSON answer, never prose."""
+    body = {
+        "model": smol_server.model,
+        "messages": [{"role": "user", "content": "Who is the person in Paris, and what is the weather there?"}],
+        "tools": [WEATHER_TOOL],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        "max_tokens": 96,
+        "temperature": 1.0,
+    }
+    for seed in range(4):
+        response = post(smol_server, {**body, "seed": seed})
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        message = choice["message"]
+        assert choice["finish_reason"] in ("stop", "tool_calls"), choice  # bounded strings: room to finish
+        if message.get("tool_calls"):
+            assert all(c["function"]["name"] == "get_weather" for c in message["tool_calls"])
+        else:
+            jsonschema.validate(json.loads(message["content"]), closed(PERSON))
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param"),
+    [
+        ({"type": "json_schema"}, "response_format"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wizard"}}}, "response_format"),
+        ({"type": "json_schema", "json_schema": {"name": "no spaces allowed", "schema": {}}}, None),
+        ({"type": "yaml"}, None),
+    ],
+)
+def test_bad_response_format(smol_server: RunningServer, response_format: Any, param: str | None) -> None:
+    body = {"model": smol_server.model, "messages": HELLO, "response_format": response_format, "max_tokens": 4}
+    error = assert_error(post(smol_server, body), 400)
+    assert (error["param"] or "").startswith(param or "response_format"), error
+
+
+def test_image_parts_are_refused_in_words(smol_server: RunningServer) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {"model": smol_server.model, "messages": [{"role": "user", "content": [image]}], "max_tokens": 4}
+    error = assert_error(post(smol_server, body), 400)
+    assert "text only" in error["message"] and "image_url" in error["message"], error
