@@ -24,6 +24,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
+from openai.types.responses import Response as ResponsesResponse
 from schemathesis import Case, GenerationMode, Response
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
 
@@ -33,6 +34,7 @@ from tests.conftest import SMOL, RunningServer, start_server
 
 ADMIN_KEY = "admin-key"
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
 ADAPTER_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
@@ -91,9 +93,18 @@ def assert_event_stream(response: Response) -> None:
             assert chunk["object"] == "chat.completion.chunk", chunk
 
 
+def assert_responses_event_stream(response: Response) -> None:
+    """The Responses API's events: `event:` and `data:` lines, no `[DONE]`, ending in the response or an error."""
+    assert response.headers.get("content-type", [""])[0].startswith("text/event-stream"), response.headers
+    events = [json.loads(block.split("data: ", 1)[1]) for block in response.text.split("\n\n") if block]
+    assert events, response.text
+    assert not any(e["type"] == "error" and e.get("code") == "server_error" for e in events), events[-3:]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete", "error"), events[-3:]
+
+
 def check(case: Case, response: Response, path: str) -> None:
     """Our checks, on top of schemathesis' own."""
-    streamed = path == CHAT and isinstance(case.body, dict) and case.body.get("stream") is True
+    streamed = path in (CHAT, RESPONSES) and isinstance(case.body, dict) and case.body.get("stream") is True
     documented_type_is_wrong = path == "/metrics" or (streamed and response.status_code == 200)
     checks = [not_a_server_error, response_schema_conformance]
     if not documented_type_is_wrong:
@@ -104,9 +115,11 @@ def check(case: Case, response: Response, path: str) -> None:
     elif path == "/metrics":
         assert response.headers["content-type"][0].startswith("text/plain"), response.headers
     elif streamed:
-        assert_event_stream(response)
+        (assert_event_stream if path == CHAT else assert_responses_event_stream)(response)
     elif path == CHAT:
         ChatCompletionResponse.model_validate(response.json())  # the full response shape, not just "an object"
+    elif path == RESPONSES:
+        ResponsesResponse.model_validate(response.json())  # as the openai SDK parses it
 
 
 def fuzz(
@@ -114,7 +127,7 @@ def fuzz(
 ) -> None:
     operation = schema[path][method]
     cases = operation.as_strategy(generation_mode=mode)
-    if path == CHAT and mode == GenerationMode.POSITIVE:
+    if path in (CHAT, RESPONSES) and mode == GenerationMode.POSITIVE:
         # The schema cannot say that a message needs content or that max_tokens is capped at 8 here, so almost every
         # generated "valid" request is a 400. Three in four are repaired to pass those checks and reach the engine.
         cases = st.tuples(cases, st.integers(0, 3)).map(lambda pair: repaired(*pair, model=server.model))
@@ -137,15 +150,17 @@ def repaired(case: Case, draw: int, *, model: str) -> Case:
     if draw == 3 or not isinstance(body, dict):  # not 0: Hypothesis favours small values
         return case
     body["model"] = model  # a made-up model name is a 404 before any work
-    for message in body.get("messages", []):
+    for message in body.get("messages", []) if isinstance(body.get("messages"), list) else []:
         if message.get("content") is None and (message.get("role") != "assistant" or not message.get("tool_calls")):
             message["content"] = "Say hi."
     for i, tool in enumerate(body.get("tools") or []):
-        if not TOOL_NAME.match(tool["function"]["name"]):
-            tool["function"]["name"] = f"f{i}"
+        function = tool.get("function", tool)  # chat nests the function; the Responses API does not
+        if isinstance(function.get("name"), str) and not TOOL_NAME.match(function["name"]):
+            function["name"] = f"f{i}"
     # Keep each limit's value (the generator's edge cases: 1, the cap) but fold the ones beyond the cap into it.
     # JSON Schema integers may come as floats (3.0), which the server accepts as integers too.
-    for field, cap in (("max_tokens", 8), ("max_completion_tokens", 8), ("n", 2), ("max_refine_iterations", 2)):
+    caps = {"max_tokens": 8, "max_completion_tokens": 8, "max_output_tokens": 8, "n": 2, "max_refine_iterations": 2}
+    for field, cap in caps.items():
         value = body.get(field)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
             body[field] = int(value) % cap + 1
@@ -157,6 +172,8 @@ def repaired(case: Case, draw: int, *, model: str) -> Case:
     [
         (CHAT, "POST", GenerationMode.POSITIVE, 80),
         (CHAT, "POST", GenerationMode.NEGATIVE, 80),
+        (RESPONSES, "POST", GenerationMode.POSITIVE, 40),
+        (RESPONSES, "POST", GenerationMode.NEGATIVE, 40),
         ("/v1/load_lora_adapter", "POST", GenerationMode.POSITIVE, 20),
         ("/v1/load_lora_adapter", "POST", GenerationMode.NEGATIVE, 20),
         ("/v1/unload_lora_adapter", "POST", GenerationMode.POSITIVE, 20),
