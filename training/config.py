@@ -62,6 +62,9 @@ class RefineConfig:
     k: int = 8  # refine answers sampled to check the model can reach the ground truth from its own answer
     temperature: float = 1.0
     max_differing_values: int = 1
+    # Distinct wrong answers per sample that become fix candidates (None: all of them, up to selection's k); the
+    # cost of the refine step on a slow machine is one k-answer request per candidate.
+    max_fixes: int | None = None
 
 
 @dataclass

@@ -49,6 +49,7 @@ _RESUMABLE_CHANGES = {
     "selection.concurrency",
     "eval.concurrency",
     "sft.checkpoint_every_steps",
+    "refine.max_fixes",  # a budget: refine records already made keep every candidate they were made with
     # Gradient accumulation sums the same per-token losses whatever the micro batch: lowering it after an
     # out-of-memory kill changes memory, not the result (up to float summation order).
     "sft.micro_batch_size",

@@ -86,6 +86,7 @@ async def build_refine_examples(
         answers = [a.strip() for a in selection[sample.id]["answers"]]
         right = [a for a in answers if answer_matches(a, sample.ground_truth, 0)]
         wrong = list({canonical(a): a for a in reversed(answers) if a not in right}.values())[::-1]
+        wrong = wrong[: config.max_fixes]  # the first ones the model wrote (None: every one)
         fixes = []
         for index, first in enumerate(wrong):
             params = SamplingParams(
