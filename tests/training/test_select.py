@@ -78,3 +78,12 @@ def test_refine_examples_keep_right_answers_and_try_every_distinct_wrong_one(
     # one n=k check per distinct wrong answer (CLOSE twice in "fix" is checked once); none for "stop"
     assert len(engine.calls) == 4 and all(p.n == 4 for _, p, _ in engine.calls)
     assert refine_counts(read_records(path)) == {"refine_stop": 2, "refine_fix": 2, "refine_fix_rejected": 2}
+    # max_fixes=1: only the first distinct wrong answer of each sample is a candidate ("fix" loses its CLOSE)
+    engine.calls.clear()
+    capped = asyncio.run(
+        build_refine_examples(
+            engine, samples, selection, RefineConfig(k=4, max_fixes=1), SelectionConfig(), tmp_path / "capped.jsonl"
+        )
+    )
+    assert {e.id for e in capped} == {"stop#keep", "fix#keep", "wrong-only#fix0"}
+    assert sorted(messages[-2]["content"] for messages, _, _ in engine.calls) == sorted([WRONG, CLOSE])
