@@ -62,8 +62,13 @@ serve: install
 	$(VENV)/bin/toolace-r model prepare $(if $(filter default,$(MODEL)),,$(MODEL))
 	$(VENV)/bin/toolace-r serve --host $(HOST) --port $(PORT) --model $(MODEL)
 
-test: install-test install-vllm install-llamacpp
+# ruff, and mypy with the [tool.mypy] settings in pyproject.toml (annotations and `# type: ignore`s checked).
+lint: install-test
 	$(VENV)/bin/ruff check server training tests
+	$(VENV)/bin/mypy
+
+test: install-test install-vllm install-llamacpp
+	$(MAKE) lint
 	$(PY) -m pytest -q
 
 clean:

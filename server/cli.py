@@ -41,7 +41,7 @@ LIMIT_HELP = {
 }
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the OpenAI-compatible server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -242,7 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _model_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="manage the embedded models")
     model_sub = p.add_subparsers(dest="model_command", required=True)
     prepare = model_sub.add_parser("prepare", help="assemble, verify and convert an embedded model; prints its path")

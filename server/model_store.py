@@ -369,7 +369,8 @@ def _convert(model: EmbeddedModel, gguf: Path, out: Path, progress: bool) -> Non
     say(progress, f"{model.name}: loaded in {time.monotonic() - started:.0f} s; saving")
 
     # The weights are dense now, but the GGUF quantizer still marks the model as unserializable.
-    lm.hf_quantizer = None
+    # (torch annotates Module.__setattr__ for tensors and modules only; any other value is a plain attribute)
+    lm.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
     lm.save_pretrained(out)

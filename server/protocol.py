@@ -14,21 +14,12 @@ from server.refine import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, RefineMo
 # OpenAI allows [a-zA-Z0-9_-]{1,64}; dots are accepted too so BFCL's `math.factorial` works as a tool name.
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 SCHEMA_OBJECT_TYPES = ("object", "dict")  # "dict" is BFCL's spelling of a JSON Schema object
+ChoiceFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-    text: str | None = None
-
-    @model_validator(mode="after")
-    def _text_only(self) -> TextPart:
-        if self.type != "text":
-            raise ValueError(f"content parts of type '{self.type}' are not supported: this server takes text only")
-        if self.text is None:
-            raise ValueError("a text part needs `text`")
-        return self
+    type: Literal["text"]
+    text: str
 
 
 class FunctionCallIn(BaseModel):
@@ -50,6 +41,16 @@ class Message(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        """A part this text-only server cannot take is named as such (not as a failed match against every shape)."""
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(f"content parts of type '{kind}' are not supported: this server takes text only")
+        return content
 
     @model_validator(mode="after")
     def _content_present(self) -> Message:
@@ -218,7 +219,7 @@ class ChoiceLogprobs(BaseModel):
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length", "tool_calls"]
+    finish_reason: ChoiceFinishReason
     logprobs: ChoiceLogprobs | None = None
     refinement: Refinement | None = None  # per choice, when n > 1
 

@@ -30,6 +30,7 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceFinishReason,
     ChoiceLogprobs,
     CompletionTokensDetails,
     ModelCard,
@@ -99,7 +100,7 @@ class ChoiceResult:
     outcome: RefineOutcome
     tally: _Tally
     message: AssistantMessage
-    finish_reason: str
+    finish_reason: ChoiceFinishReason
 
     @property
     def logprobs(self) -> ChoiceLogprobs | None:
@@ -406,7 +407,7 @@ class ChatService:
         message, finish_reason = self._final_message(plan, outcome)
         return ChoiceResult(outcome, tally, message, finish_reason)
 
-    def _final_message(self, plan: Plan, outcome: RefineOutcome) -> tuple[AssistantMessage, str]:
+    def _final_message(self, plan: Plan, outcome: RefineOutcome) -> tuple[AssistantMessage, ChoiceFinishReason]:
         final = outcome.final
         request = plan.request
         parsed = toolcalls.parse_answer(final.text) if plan.use_tools else None
@@ -450,10 +451,11 @@ class ChatService:
                 task.cancel()
         else:
             rounds: asyncio.Queue[tuple[int, int, Answer] | None] = asyncio.Queue()
-            tasks = [
-                asyncio.create_task(self.run_choice(plan, i, on_round=lambda r, a, i=i: rounds.put_nowait((i, r, a))))
-                for i in range(plan.request.n)
-            ]
+
+            def on_round(index: int) -> RoundCallback:
+                return lambda number, answer: rounds.put_nowait((index, number, answer))
+
+            tasks = [asyncio.create_task(self.run_choice(plan, i, on_round=on_round(i))) for i in range(plan.request.n)]
             gathered = asyncio.gather(*tasks)
             gathered.add_done_callback(lambda _: rounds.put_nowait(None))
             try:
@@ -472,7 +474,9 @@ class ChatService:
         for index, result in enumerate(results):
             logprobs = result.logprobs
             refinement = self._refinement(plan, result.outcome).model_dump()
-            yield chunks.finish(index, result.finish_reason, refinement, logprobs and logprobs.model_dump())
+            yield chunks.finish(
+                index, result.finish_reason, refinement, logprobs.model_dump() if logprobs is not None else None
+            )
         if plan.request.stream_options and plan.request.stream_options.include_usage:
             yield chunks.usage(self._usage(results).model_dump())
         self.observe(plan, results, ttft=(first_token_at or time.perf_counter()) - plan.start)
@@ -505,7 +509,7 @@ class ChatService:
             Choice(
                 index=i,
                 message=r.message,
-                finish_reason=r.finish_reason,  # type: ignore[arg-type]
+                finish_reason=r.finish_reason,
                 logprobs=r.logprobs,
                 refinement=self._refinement(plan, r.outcome) if len(results) > 1 else None,
             )

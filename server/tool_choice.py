@@ -54,8 +54,10 @@ def closed(schema: Any) -> Any:
 
 # Keywords whose value is one subschema, a list of them, or a map of names to them: where a walk over a schema's
 # structure goes (never into `enum`, `const`, `default` or `examples`, which hold data).
-_SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else")
-_SUBSCHEMA += ("propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA = (
+    *("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else"),
+    *("propertyNames", "unevaluatedItems", "unevaluatedProperties"),
+)
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
 
@@ -129,7 +131,7 @@ def any_call_schema(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     `$defs` gathered at the root (a pointer can only reach the document's root)."""
     calls = [call_schema(f, f"arguments{i}") for i, f in enumerate(functions)]
     defs = {key: value for call in calls for key, value in call.pop("$defs", {}).items()}
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
     if defs:
         schema["$defs"] = defs
     return schema

@@ -402,7 +402,7 @@ def _count(value: Any) -> bool:
 def _is_of_type(value: Any, kind: str) -> bool:
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
-    checks = {
+    checks: dict[str, type | tuple[type, ...]] = {
         "string": str,
         "number": (int, float),
         "boolean": bool,

@@ -90,6 +90,13 @@ def _parse_json_calls(body: str) -> tuple[ToolCall, ...]:
     return tuple(_hermes_call(item) for item in obj) if isinstance(obj, list) else (_hermes_call(obj),)
 
 
+def _skip_ws(text: str, pos: int) -> int:
+    """Where the whitespace at `pos` ends."""
+    match = _WS.match(text, pos)
+    assert match is not None  # `\s*` matches everywhere, if only the empty string
+    return match.end()
+
+
 def _parse_hermes(text: str) -> ParsedAnswer:
     # Scan with raw_decode rather than a regex, so argument strings may contain the tags themselves.
     pieces: list[str] = []
@@ -97,9 +104,9 @@ def _parse_hermes(text: str) -> ParsedAnswer:
     pos = 0
     while (start := text.find(_HERMES_OPEN, pos)) != -1:
         pieces.append(text[pos:start])
-        begin = _WS.match(text, start + len(_HERMES_OPEN)).end()
+        begin = _skip_ws(text, start + len(_HERMES_OPEN))
         obj, end = _JSON_DECODER.raw_decode(text, begin)  # ValueError on broken or cut-off JSON
-        end = _WS.match(text, end).end()
+        end = _skip_ws(text, end)
         if not text.startswith(_HERMES_CLOSE, end):
             raise _NotToolCall("unterminated <tool_call> block")
         calls.append(_hermes_call(obj))
@@ -135,9 +142,10 @@ def _parse_pythonic(body: str) -> tuple[ToolCall, ...]:
         except SyntaxError:
             # one call per line: every statement must be a bare expression (a call or a list of calls)
             statements = ast.parse(body, mode="exec").body
-            if not all(isinstance(s, ast.Expr) for s in statements):
+            expressions = [s for s in statements if isinstance(s, ast.Expr)]
+            if len(expressions) != len(statements):
                 raise _NotToolCall("not only calls") from None
-            nodes = [s.value for s in statements]  # type: ignore[attr-defined]
+            nodes = [s.value for s in expressions]
     calls: list[ToolCall] = []
     for node in nodes:
         calls.extend(_pythonic_call(n) for n in (node.elts if isinstance(node, ast.List) else [node]))
@@ -173,9 +181,10 @@ def _literal(node: ast.expr) -> Any:
         if node.value is None or isinstance(node.value, (bool, int, float, str)):
             return node.value
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = node.operand
-        if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):
-            return -operand.value if isinstance(node.op, ast.USub) else operand.value
+        number = node.operand.value if isinstance(node.operand, ast.Constant) else None
+        # an int or float, not a bool (ast.parse makes no other subclass of either)
+        if isinstance(number, int | float) and not isinstance(number, bool):
+            return -number if isinstance(node.op, ast.USub) else number
     elif isinstance(node, (ast.List, ast.Tuple)):
         return [_literal(elt) for elt in node.elts]
     elif isinstance(node, ast.Dict):

@@ -59,6 +59,32 @@ class RunningServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def post(self, route: str, body: Any = None, **kw: Any) -> httpx.Response:
+        """POST /v1/<route> with the API key: a JSON body, or raw bytes / an iterator of them (sent chunked)."""
+        kw.setdefault("timeout", 300)
+        kw["headers"] = {**self.headers, **kw.get("headers", {})}
+        if isinstance(body, bytes) or (body is not None and not isinstance(body, dict | list)):
+            return httpx.post(f"{self.v1}/{route}", content=body, **kw)
+        return httpx.post(f"{self.v1}/{route}", json=body, **kw)
+
+
+_UNCHECKED: Any = object()
+
+
+def assert_error(
+    response: httpx.Response, status: int, param: str | None = _UNCHECKED, *, code: str | None = _UNCHECKED
+) -> dict[str, Any]:
+    """An error answer in OpenAI's shape with this status (and this `param` / `code`, when given: None too)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"], error
+    if param is not _UNCHECKED:
+        assert error["param"] == param, error
+    if code is not _UNCHECKED:
+        assert error["code"] == code, error
+    return error
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -16,7 +16,7 @@ import yaml
 from training.config import TrainConfig, leaf_fields
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Entry point of the `toolace_r.commands` group: adds `train` to the `toolace-r` command."""
     p = subparsers.add_parser("train", help="train a ToolACE-R LoRA adapter (select, refine data, SFT, iterate)")
     add_arguments(p)

@@ -178,10 +178,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise KeyError(f"unknown config field(s): {', '.join(prefix + k for k in sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        spec = known[name]
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value or {}, f"{prefix}{name}.")
-        elif isinstance(known[name].default, float) and isinstance(value, str):
+        elif isinstance(spec.default, float) and isinstance(value, str):
             kwargs[name] = float(value)  # YAML 1.1 reads "3e-4" as a string
         else:
             kwargs[name] = value

@@ -6,7 +6,10 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs from Python 3.13
 
 FinishReason = Literal["stop", "length", "abort"]
 ChatMessage = Mapping[str, Any]
@@ -150,7 +153,7 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
-def is_token_ids(prompt: Sequence[int] | Sequence[ChatMessage]) -> bool:
+def is_token_ids(prompt: Sequence[int] | Sequence[ChatMessage]) -> TypeIs[Sequence[int]]:
     return all(isinstance(t, int) for t in prompt)
 
 
@@ -203,7 +206,7 @@ def checked_prompt_ids(
     encode: Callable[[Sequence[ChatMessage]], list[int]],
 ) -> list[int]:
     """The prompt as token ids, checked the same way by every backend; EngineError for what cannot run."""
-    ids = list(prompt) if is_token_ids(prompt) else encode(prompt)  # type: ignore[arg-type]
+    ids = list(prompt) if is_token_ids(prompt) else encode(prompt)
     if not ids:
         raise EngineError("the prompt is empty")
     if len(ids) + params.max_tokens > max_model_len:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
@@ -20,11 +20,14 @@ import numpy as np
 import torch
 from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # declared in llguidance's stub only
+
 log = logging.getLogger(__name__)
 
 # Compact JSON: no runs of whitespace for a small model to wander into. Lenient: a keyword llguidance does not
 # implement (an unknown `format`, say) is ignored rather than refused, as OpenAI's non-strict tool schemas are.
-GRAMMAR_DEFAULTS = {"whitespace_flexible": False, "lenient": True}
+GRAMMAR_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False, "lenient": True}
 
 
 def schema_error(schema: Mapping[str, Any]) -> str:
@@ -47,7 +50,7 @@ def grammar_error(grammar: str) -> str:
 
 def added_tokens(tokenizer: Any) -> frozenset[str]:
     """The tokenizer's added tokens (llguidance treats each as a special token, typed text never matches it)."""
-    vocab = getattr(tokenizer, "get_added_vocab", lambda: {})()
+    vocab: object = getattr(tokenizer, "get_added_vocab", lambda: {})()
     return frozenset(vocab) if isinstance(vocab, Mapping) else frozenset()
 
 

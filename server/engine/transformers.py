@@ -28,11 +28,12 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from llguidance import LLMatcher
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
 from server.engine import grouped_attention
 from server.engine.base import (
@@ -279,7 +280,8 @@ class TransformersEngine:
         if not waiting:
             return []
         first = waiting.popleft()
-        batch, rows, skipped = [first], first.params.n, deque()
+        batch, rows = [first], first.params.n
+        skipped: deque[_Job] = deque()
         while waiting and rows < self.max_batch_size:
             job = waiting.popleft()
             if job.cancelled:
@@ -501,7 +503,8 @@ class TransformersEngine:
             log.warning("prefix cache: %d live positions for %d tokens; not stored", live.numel(), len(row.fed))
             return
         layers = tuple(
-            (layer.keys[index][:, live].clone(), layer.values[index][:, live].clone()) for layer in cache.layers
+            (keys[index][:, live].clone(), values[index][:, live].clone())
+            for keys, values in map(_keys_values, cache.layers)
         )
         self.prefix_cache.store(PrefixEntry(torch.tensor(row.fed), layers, row.job.adapter, row.job.cache_salt))
 
@@ -528,9 +531,9 @@ class TransformersEngine:
         best = logprobs.topk(top) if top else None
         alternatives = zip(best.indices.tolist(), best.values.tolist(), strict=True) if best is not None else ()
         return TokenLogprob(
-            self.tokenizer.decode([token]),
+            self._decode_text([token]),
             float(logprobs[token]),
-            tuple((self.tokenizer.decode([t]), lp) for t, lp in alternatives),
+            tuple((self._decode_text([t]), lp) for t, lp in alternatives),
         )
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -567,7 +570,7 @@ class TransformersEngine:
             return
         row.token_ids.append(token)
         if params.stop:
-            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            text = self._decode_text(row.token_ids, skip_special_tokens=True)
             cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 row.text, row.finish_reason = text[:cut], "stop"
@@ -577,19 +580,25 @@ class TransformersEngine:
         elif row.job.on_text is not None:
             self._stream(row)
 
+    def _decode_text(self, token_ids: list[int], **kwargs: Any) -> str:
+        # transformers annotates decode as `str | list[str]` (a list of lists of ids decodes to a list of strings)
+        return cast(str, self.tokenizer.decode(token_ids, **kwargs))
+
     def _text(self, row: _Row) -> str:
-        return row.text if row.text is not None else self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        return row.text if row.text is not None else self._decode_text(row.token_ids, skip_special_tokens=True)
 
     def _stream(self, row: _Row, final: bool = False) -> None:
         """Hand the job's on_text the text not yet sent. Until the end, hold back an unfinished UTF-8 character
         and as many characters as a stop string could still claim."""
+        on_text = row.job.on_text
+        assert on_text is not None  # only a job with on_text streams
         text = self._text(row)
         if not final:
             text = text.rstrip("\ufffd")
             hold = max((len(s) for s in row.job.params.stop), default=1) - 1
             text = text[: len(text) - hold]
         if len(text) > row.streamed:
-            row.job.loop.call_soon_threadsafe(row.job.on_text, text[row.streamed :])
+            row.job.loop.call_soon_threadsafe(on_text, text[row.streamed :])
             row.streamed = len(text)
             row.job.sent_text = True
 
@@ -650,10 +659,18 @@ def _stack(
 
     cache = DynamicCache()
     for layer, (a, b) in enumerate(zip(cache_a.layers, cache_b.layers, strict=True)):
-        keys = torch.cat([left_pad(a.keys, 2), left_pad(b.keys, 2)])
-        values = torch.cat([left_pad(a.values, 2), left_pad(b.values, 2)])
+        (keys_a, values_a), (keys_b, values_b) = _keys_values(a), _keys_values(b)
+        keys = torch.cat([left_pad(keys_a, 2), left_pad(keys_b, 2)])
+        values = torch.cat([left_pad(values_a, 2), left_pad(values_b, 2)])
         cache.update(keys, values, layer)
     return cache, torch.cat([left_pad(attention_a, 1), left_pad(attention_b, 1)])
+
+
+def _keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values. Every layer of a filled DynamicCache over the models served here has both
+    (no linear-attention layers)."""
+    assert isinstance(layer, CacheLayerMixin) and layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
 
 
 def _sample_numbers(jobs: list[_Job]) -> list[int]:

@@ -370,5 +370,5 @@ def _token_logprob(token_id: int, entry: Mapping[int, Any], top: int) -> TokenLo
     `top` most likely (rank 1..top) plus the sampled token, which may rank lower."""
     chosen = entry[token_id]
     ranked = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
-    top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
-    return TokenLogprob(chosen.decoded_token or "", chosen.logprob, top)
+    alternatives = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
+    return TokenLogprob(chosen.decoded_token or "", chosen.logprob, alternatives)

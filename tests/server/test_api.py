@@ -13,29 +13,13 @@ import pytest
 
 from server.tool_choice import closed
 from server.toolcalls import canonical
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, assert_error
 from tests.samples import HELLO, WEATHER_TOOL
 
 
 @pytest.fixture(scope="module")
 def client(smol_server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=smol_server.v1, api_key=smol_server.api_key, max_retries=0, timeout=300)
-
-
-def post(server: RunningServer, body: Any, *, params: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
-    return httpx.post(
-        f"{server.v1}/chat/completions", json=body, params=params, headers=server.headers, timeout=300, **kw
-    )
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 # ---- the happy path through the official client ----
@@ -117,7 +101,7 @@ def test_adaptive_refinement_through_extra_body(smol_server: RunningServer, clie
 
 def test_refine_as_query_parameter(smol_server: RunningServer) -> None:
     body = {"model": smol_server.model, "messages": HELLO, "max_tokens": 8}
-    response = post(smol_server, body, params={"refine": "adaptive"})
+    response = smol_server.post("chat/completions", body, params={"refine": "adaptive"})
     assert response.status_code == 200, response.text
     assert response.json()["refinement"]["mode"] == "adaptive"
     assert response.json()["refinement"]["iterations"] >= 1
@@ -133,7 +117,7 @@ def test_fixed_round_modes_run_n_rounds(smol_server: RunningServer, mode: str) -
         "max_refine_iterations": 2,
         "return_refinement_history": True,
     }
-    response = post(smol_server, body)
+    response = smol_server.post("chat/completions", body)
     assert response.status_code == 200, response.text
     info = response.json()["refinement"]
     assert (info["mode"], info["iterations"], info["stop_reason"]) == (mode, 2, "max_iterations")
@@ -212,17 +196,17 @@ def test_malformed_json(smol_server: RunningServer) -> None:
 
 
 def test_non_object_body(smol_server: RunningServer) -> None:
-    assert_error(post(smol_server, [1, 2, 3]), 400)
+    assert_error(smol_server.post("chat/completions", [1, 2, 3]), 400)
 
 
 def test_empty_messages(smol_server: RunningServer, client: openai.OpenAI) -> None:
-    assert_error(post(smol_server, {"model": smol_server.model, "messages": []}), 400, "messages")
+    assert_error(smol_server.post("chat/completions", {"model": smol_server.model, "messages": []}), 400, "messages")
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=smol_server.model, messages=[])
 
 
 def test_unknown_model(smol_server: RunningServer, client: openai.OpenAI) -> None:
-    error = assert_error(post(smol_server, {"model": "gpt-9", "messages": HELLO}), 404, "model")
+    error = assert_error(smol_server.post("chat/completions", {"model": "gpt-9", "messages": HELLO}), 404, "model")
     assert error["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=HELLO)
@@ -244,31 +228,37 @@ def test_unknown_model(smol_server: RunningServer, client: openai.OpenAI) -> Non
     ],
 )
 def test_invalid_tool_schema(smol_server: RunningServer, tool: dict[str, Any], param: str) -> None:
-    assert_error(post(smol_server, {"model": smol_server.model, "messages": HELLO, "tools": [tool]}), 400, param)
+    assert_error(
+        smol_server.post("chat/completions", {"model": smol_server.model, "messages": HELLO, "tools": [tool]}),
+        400,
+        param,
+    )
 
 
 @pytest.mark.parametrize("value", [0, 11, "five"])
 def test_max_refine_iterations_out_of_range(smol_server: RunningServer, value: Any) -> None:
     body = {"model": smol_server.model, "messages": HELLO, "refine": "adaptive", "max_refine_iterations": value}
-    assert_error(post(smol_server, body), 400, "max_refine_iterations")
+    assert_error(smol_server.post("chat/completions", body), 400, "max_refine_iterations")
 
 
 def test_unknown_refine_mode(smol_server: RunningServer) -> None:
     body = {"model": smol_server.model, "messages": HELLO}
-    assert_error(post(smol_server, {**body, "refine": "forever"}), 400, "refine")
-    assert_error(post(smol_server, body, params={"refine": "forever"}), 400, "refine")
+    assert_error(smol_server.post("chat/completions", {**body, "refine": "forever"}), 400, "refine")
+    assert_error(smol_server.post("chat/completions", body, params={"refine": "forever"}), 400, "refine")
 
 
 @pytest.mark.parametrize(
     ("field", "value"), [("temperature", -1), ("temperature", 3), ("top_p", 0), ("max_tokens", 0), ("stop", ["a"] * 5)]
 )
 def test_out_of_range_sampling_fields(smol_server: RunningServer, field: str, value: Any) -> None:
-    assert_error(post(smol_server, {"model": smol_server.model, "messages": HELLO, field: value}), 400, field)
+    assert_error(
+        smol_server.post("chat/completions", {"model": smol_server.model, "messages": HELLO, field: value}), 400, field
+    )
 
 
 def test_bad_message_shapes(smol_server: RunningServer) -> None:
     bad_role = {"model": smol_server.model, "messages": [{"role": "wizard", "content": "hi"}]}
-    assert_error(post(smol_server, bad_role), 400)
+    assert_error(smol_server.post("chat/completions", bad_role), 400)
     bad_args = {
         "model": smol_server.model,
         "messages": [
@@ -279,19 +269,21 @@ def test_bad_message_shapes(smol_server: RunningServer) -> None:
             },
         ],
     }
-    assert_error(post(smol_server, bad_args), 400, "messages")
+    assert_error(smol_server.post("chat/completions", bad_args), 400, "messages")
 
 
 def test_context_length_exceeded(smol_server: RunningServer) -> None:
     huge = [{"role": "user", "content": "word " * 9000}]
-    error = assert_error(post(smol_server, {"model": smol_server.model, "messages": huge, "max_tokens": 10}), 400)
+    error = assert_error(
+        smol_server.post("chat/completions", {"model": smol_server.model, "messages": huge, "max_tokens": 10}), 400
+    )
     assert error["code"] == "context_length_exceeded"
 
 
 def test_unknown_fields_are_ignored(smol_server: RunningServer) -> None:
     body = {"model": smol_server.model, "messages": HELLO, "max_tokens": 4, "frobnicate": True, "user": "u-1"}
     before = len(smol_server.log())
-    assert post(smol_server, body).status_code == 200
+    assert smol_server.post("chat/completions", body).status_code == 200
     assert "ignoring unknown request fields: frobnicate" in smol_server.log()[before:]  # as the README promises
 
 
@@ -387,7 +379,7 @@ def test_json_schema_beside_tools_is_a_call_or_the_answer(smol_server: RunningSe
         "temperature": 1.0,
     }
     for seed in range(4):
-        response = post(smol_server, {**body, "seed": seed})
+        response = smol_server.post("chat/completions", {**body, "seed": seed})
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]
         message = choice["message"]
@@ -409,12 +401,12 @@ def test_json_schema_beside_tools_is_a_call_or_the_answer(smol_server: RunningSe
 )
 def test_bad_response_format(smol_server: RunningServer, response_format: Any, param: str | None) -> None:
     body = {"model": smol_server.model, "messages": HELLO, "response_format": response_format, "max_tokens": 4}
-    error = assert_error(post(smol_server, body), 400)
+    error = assert_error(smol_server.post("chat/completions", body), 400)
     assert (error["param"] or "").startswith(param or "response_format"), error
 
 
 def test_image_parts_are_refused_in_words(smol_server: RunningServer) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     body = {"model": smol_server.model, "messages": [{"role": "user", "content": [image]}], "max_tokens": 4}
-    error = assert_error(post(smol_server, body), 400)
+    error = assert_error(smol_server.post("chat/completions", body), 400)
     assert "text only" in error["message"] and "image_url" in error["message"], error

@@ -12,8 +12,7 @@ import pytest
 
 from tests.bench.bfcl_tools import load
 from tests.conftest import SMOL, RunningServer, start_server
-
-HELLO = [{"role": "user", "content": "Say hello in three words."}]
+from tests.samples import HELLO
 
 
 # float32 for the comparison: the fast path is exact in arithmetic, but in bf16 a prompt prefilled in two parts (a

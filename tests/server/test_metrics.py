@@ -10,8 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SMOL, RunningServer, start_server
-
-HELLO = [{"role": "user", "content": "Say hello in three words."}]
+from tests.samples import HELLO
 
 
 def scrape(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SMOL, RunningServer, start_server
+from tests.conftest import SMOL, RunningServer, assert_error, start_server
 
 SHORT = [{"role": "user", "content": "Say hi."}]
 # SmolLM2 keeps counting for as long as it is allowed to: a request that takes as long as max_tokens says.
@@ -53,14 +53,6 @@ def server(smol_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     )
 
 
-def post(server: RunningServer, body: Any, **kw: Any) -> httpx.Response:
-    kw.setdefault("timeout", 120)
-    headers = {**server.headers, **kw.pop("headers", {})}
-    if not isinstance(body, dict):  # raw bytes, or an iterator of them (sent chunked)
-        return httpx.post(f"{server.v1}/chat/completions", content=body, headers=headers, **kw)
-    return httpx.post(f"{server.v1}/chat/completions", json=body, headers=headers, **kw)
-
-
 def rss_kib(server: RunningServer) -> int:
     assert server.process is not None
     with open(f"/proc/{server.process.pid}/status") as f:
@@ -79,19 +71,9 @@ def counter(server: RunningServer, family: str, **labels: str) -> float:
     )
 
 
-def assert_error(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-
-
 def short_request_is_quick(server: RunningServer) -> float:
     started = time.monotonic()
-    response = post(server, {"model": SMOL, "messages": SHORT, "max_tokens": 4})
+    response = server.post("chat/completions", {"model": SMOL, "messages": SHORT, "max_tokens": 4})
     assert response.status_code == 200, response.text
     return time.monotonic() - started
 
@@ -102,21 +84,29 @@ def short_request_is_quick(server: RunningServer) -> float:
 def test_huge_bodies_are_refused_without_reading_them(server: RunningServer) -> None:
     before = rss_kib(server)
     huge = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (10 * 1024 * 1024) + b'"}]}'
-    assert_error(post(server, huge, headers={"content-type": "application/json"}), 413, code="body_too_large")
+    assert_error(
+        server.post("chat/completions", huge, headers={"content-type": "application/json"}), 413, code="body_too_large"
+    )
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the server must count as it reads
         for i in range(0, len(huge), 65536):
             yield huge[i : i + 65536]
 
-    assert_error(post(server, chunks(), headers={"content-type": "application/json"}), 413, code="body_too_large")  # type: ignore[arg-type]
+    assert_error(
+        server.post("chat/completions", chunks(), headers={"content-type": "application/json"}),
+        413,
+        code="body_too_large",
+    )  # type: ignore[arg-type]
     assert rss_kib(server) - before < 20 * 1024  # never buffered the 10 MB (let alone a parsed copy)
 
 
 def test_deep_nesting_and_bad_encoding_are_refused(server: RunningServer) -> None:
     before = rss_kib(server)
     deep = b'{"model": "x", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
-    assert_error(post(server, deep), 400, code="too_deep")
-    assert_error(post(server, b'{"model": "\xff\xfe", "messages": []}'), 400, code="invalid_encoding")
+    assert_error(server.post("chat/completions", deep), 400, code="too_deep")
+    assert_error(
+        server.post("chat/completions", b'{"model": "\xff\xfe", "messages": []}'), 400, code="invalid_encoding"
+    )
     assert rss_kib(server) - before < 20 * 1024
     assert short_request_is_quick(server) < 60  # still serving
 
@@ -148,14 +138,16 @@ def test_deep_nesting_and_bad_encoding_are_refused(server: RunningServer) -> Non
             },
             "tools[0].function.parameters",
         ),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, None),
+        # a parameters schema that is not a JSON Schema object
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools[0].function.parameters",
+        ),
     ],
 )
-def test_request_limits_name_the_field(server: RunningServer, extra: dict[str, Any], param: str | None) -> None:
-    response = post(server, {"model": SMOL, "messages": SHORT, **extra})
+def test_request_limits_name_the_field(server: RunningServer, extra: dict[str, Any], param: str) -> None:
+    response = server.post("chat/completions", {"model": SMOL, "messages": SHORT, **extra})
     assert_error(response, 400, param=param)
-    if param is None:  # a parameters schema that is not a JSON Schema object
-        assert response.json()["error"]["param"].startswith("tools[0].function.parameters")
 
 
 # ---- backpressure, deadlines, disconnects ----
@@ -183,7 +175,7 @@ def test_the_deadline_gives_504_and_frees_the_engine(server: RunningServer) -> N
     started = time.monotonic()
     # 11 sampled rounds (no fast path) of about 120 tokens: far beyond the 8 s deadline
     body = {**SLOW_REFINEMENT, "max_tokens": 400}
-    assert_error(post(server, body), 504, code="request_timeout")
+    assert_error(server.post("chat/completions", body), 504, code="request_timeout")
     assert 7 < time.monotonic() - started < 30
     assert short_request_is_quick(server) < 10  # the long generation did not go on behind it
     assert counter(server, "toolace_requests_cancelled", reason="timeout") >= 1
@@ -193,7 +185,7 @@ def test_a_client_that_goes_away_stops_its_refinement(server: RunningServer) -> 
     before = counter(server, "toolace_requests_cancelled", reason="client_disconnect")
     body = {**SLOW_REFINEMENT, "max_tokens": 200}
     with pytest.raises(httpx.ReadTimeout):
-        post(server, body, timeout=2.0)  # ~2 s in: round 0 of 11 rounds of up to 200 tokens
+        server.post("chat/completions", body, timeout=2.0)  # ~2 s in: round 0 of 11 rounds of up to 200 tokens
     deadline = time.monotonic() + 10
     while counter(server, "toolace_requests_cancelled", reason="client_disconnect") == before:
         assert time.monotonic() < deadline, "the disconnect was not noticed"
@@ -203,7 +195,7 @@ def test_a_client_that_goes_away_stops_its_refinement(server: RunningServer) -> 
 
 def test_a_stream_past_its_deadline_ends_with_a_timeout_event(server: RunningServer) -> None:
     started = time.monotonic()
-    response = post(server, {**SLOW_REFINEMENT, "max_tokens": 400, "stream": True})
+    response = server.post("chat/completions", {**SLOW_REFINEMENT, "max_tokens": 400, "stream": True})
     assert response.status_code == 200  # admitted at once; the deadline passes while it streams
     events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout", events[-3:]
@@ -228,9 +220,13 @@ def test_a_stream_whose_client_goes_away_stops(server: RunningServer) -> None:
 
 
 def test_request_ids_and_one_log_line_per_request(server: RunningServer) -> None:
-    response = post(server, {"model": SMOL, "messages": SHORT, "max_tokens": 4}, headers={"X-Request-Id": "abc-123"})
+    response = server.post(
+        "chat/completions", {"model": SMOL, "messages": SHORT, "max_tokens": 4}, headers={"X-Request-Id": "abc-123"}
+    )
     assert response.headers["x-request-id"] == "abc-123"
-    fresh = post(server, {"model": SMOL, "messages": SHORT, "max_tokens": 4}, headers={"X-Request-Id": "bad id!"})
+    fresh = server.post(
+        "chat/completions", {"model": SMOL, "messages": SHORT, "max_tokens": 4}, headers={"X-Request-Id": "bad id!"}
+    )
     assert fresh.headers["x-request-id"] != "bad id!" and len(fresh.headers["x-request-id"]) == 32
     time.sleep(0.2)
     lines = [line for line in server.log().splitlines() if "toolace.access" in line and '"abc-123"' in line]

@@ -19,7 +19,7 @@ import pytest
 from server.engine import SamplingParams
 from server.errors import BadRequest
 from server.responses import ResponsesRequest, responses_param, sse, to_chat_request
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, assert_error
 
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
@@ -48,19 +48,6 @@ TEXT_EVENTS = [
 @pytest.fixture(scope="module")
 def client(smol_server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=smol_server.v1, api_key=smol_server.api_key, max_retries=0, timeout=300)
-
-
-def post(server: RunningServer, body: Any, *, params: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{server.v1}/responses", json=body, params=params, headers=server.headers, timeout=300)
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param, error
-    assert error["message"]
-    return error
 
 
 def squash(types: list[str]) -> list[str]:
@@ -376,7 +363,7 @@ def test_refine_in_the_body(smol_server: RunningServer, client: openai.OpenAI) -
 
 def test_refine_as_a_query_parameter(smol_server: RunningServer) -> None:
     body = {"model": smol_server.model, "input": HELLO, "max_output_tokens": 8}
-    response = post(smol_server, body, params={"refine": "adaptive"})
+    response = smol_server.post("responses", body, params={"refine": "adaptive"})
     assert response.status_code == 200, response.text
     assert response.json()["refinement"]["mode"] == "adaptive"
 
@@ -440,13 +427,13 @@ def test_max_output_tokens_makes_it_incomplete(smol_server: RunningServer, clien
 )
 def test_bad_requests(smol_server: RunningServer, extra: dict[str, Any], param: str, says: str) -> None:
     body = {"model": smol_server.model, "input": HELLO, **extra}
-    error = assert_error(post(smol_server, body), 400, param)
+    error = assert_error(smol_server.post("responses", body), 400, param)
     assert error["type"] == "invalid_request_error" and says in error["message"], error
 
 
 def test_a_bad_streaming_request_is_a_plain_400(smol_server: RunningServer) -> None:
     body = {"model": smol_server.model, "input": HELLO, "stream": True, "previous_response_id": "resp_1"}
-    assert_error(post(smol_server, body), 400, "previous_response_id")
+    assert_error(smol_server.post("responses", body), 400, "previous_response_id")
 
 
 def test_the_api_key_is_required(smol_server: RunningServer) -> None:

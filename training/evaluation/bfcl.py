@@ -163,7 +163,7 @@ def _checker():
     name = "bfcl_eval.constants.model_config"
     if name not in sys.modules:
         stand_in = types.ModuleType(name)
-        stand_in.MODEL_CONFIG_MAPPING = {}
+        vars(stand_in)["MODEL_CONFIG_MAPPING"] = {}
         sys.modules[name] = stand_in
     from bfcl_eval.eval_checker.ast_eval import ast_checker as module
 
@@ -186,7 +186,7 @@ def score(question: Question, calls: list[dict[str, Any]] | None, decode_error: 
     """
     from bfcl_eval.constants.enums import Language
 
-    has_calls = bool(calls) and not (len(calls) == 1 and not calls[0])
+    has_calls = bool(calls and not (len(calls) == 1 and not calls[0]))
     if is_irrelevance(question.category):
         if has_calls and decode_error is None:
             return Score(False, "irrelevance_error:decoder_success", "Made a function call when none was relevant.")
@@ -218,7 +218,7 @@ def calls_from_tool_calls(
     calls = []
     for index, call in enumerate(tool_calls):
         function = call.get("function") or {}
-        name = function.get("name")
+        name: Any = function.get("name")  # a str in any well-formed call
         arguments = function.get("arguments")
         try:
             args = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else (arguments or {})

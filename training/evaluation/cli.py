@@ -27,7 +27,7 @@ def _csv(choices: Sequence[str]):
     return parse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score a server on BFCL through /v1/chat/completions",

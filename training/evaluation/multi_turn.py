@@ -244,13 +244,14 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
                 if decode_error is not None:  # as BFCL's handlers: an answer that does not decode ends the turn
                     step["error"] = decode_error
                     break
+                assert calls is not None  # no decode error: calls
                 texts = [call_string(name, args) for call in calls for name, args in call.items()]
                 refusals = [_refusal(name, args, offered) for call in calls for name, args in call.items()]
                 runnable = [t for t, r in zip(texts, refusals, strict=True) if r is None]
                 ran = iter(_execute(runnable, question, key) if runnable else [])
                 results = [r if r is not None else next(ran) for r in refusals]
-                for tc, result in zip(tool_calls, results, strict=True):
-                    messages.append({"role": "tool", "content": result, "tool_call_id": tc["id"]})
+                for tc, output in zip(tool_calls, results, strict=True):
+                    messages.append({"role": "tool", "content": output, "tool_call_id": tc["id"]})
                 step.update(calls=texts, results=[r[:RESULT_CHARS] for r in results])
                 if runnable:
                     scored.append(runnable)

@@ -25,7 +25,7 @@ HANDLER = "gpt-4o-2024-11-20-FC"  # BFCL's OpenAI Responses API handler for func
 RUNNER = Path(".venv-bfcl/bin/bfcl")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bfcl",
         help="score a server with BFCL's own runner (through the Responses API)",
@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--limit", type=int, default=None, help="the same N questions per category as `toolace-r eval`")
     p.add_argument("--seed", type=int, default=bfcl.DEFAULT_SEED)
     p.add_argument("--threads", type=int, default=4, help="the runner's --num-threads (requests in flight)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="the runner's --temperature (its own default, 0.001, samples: near-ties break at random; 0 is greedy, "
+        "as `toolace-r eval`)",
+    )
     p.add_argument("--runner", type=Path, default=RUNNER, help="the `bfcl` executable (make install-bfcl-runner)")
     p.add_argument("--out", type=Path, required=True, help="the runner's project root: results, scores, the id file")
     p.set_defaults(func=run)
@@ -77,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     }
     runner = str(args.runner)
     generate = [runner, "generate", "--model", HANDLER, "--run-ids", "--num-threads", str(args.threads)]
+    generate += ["--temperature", str(args.temperature)]
     subprocess.run(generate, env=env, check=True)
     evaluate = [runner, "evaluate", "--model", HANDLER, "--test-category", ",".join(categories), "--partial-eval"]
     subprocess.run(evaluate, env=env, check=True)

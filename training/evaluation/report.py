@@ -167,8 +167,8 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             "| Model | Refine | " + " | ".join(f"vs {label}, none" for label in references) + " |",
             "|" + "---|" * (len(references) + 2),
         ]
-        for (label, mode, iterations), cells in pairs.items():
-            shown = [_paired_cell(*cells[r]) if r in cells else "–" for r in references]
+        for (label, mode, iterations), by_reference in pairs.items():
+            shown = [_paired_cell(*by_reference[r]) if r in by_reference else "–" for r in references]
             lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *shown]) + " |")
     errors = _error_types(rows)
     if errors:

@@ -127,8 +127,9 @@ class Evaluator:
         iterations = None if mode == RefineMode.NONE else self.config.max_refine_iterations
         return (self.config.model, mode, iterations, question.category, question.id)
 
-    def ask(self, mode: str, question: bfcl.Question) -> dict[str, Any] | None:
-        """One question, one request; the row to write, or None when the request failed (retried next run)."""
+    def ask(self, mode: str, question: bfcl.Question | multi_turn.Question) -> dict[str, Any]:
+        """One question, one request; the row to write. A failed request that is not the question's fault raises
+        (see `rejection`); the next run retries it."""
         import openai
 
         if isinstance(question, multi_turn.Question):  # a conversation: many requests
