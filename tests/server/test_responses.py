@@ -19,19 +19,11 @@ import pytest
 from server.engine import SamplingParams
 from server.errors import BadRequest
 from server.responses import ResponsesRequest, responses_param, sse, to_chat_request
+from tests import samples
 from tests.conftest import RunningServer, assert_error
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Get the current weather for a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
-        "required": ["city"],
-    },
-    "strict": False,
-}
+# tests/samples.py's tool in the Responses shape: the function's fields beside `type`
+WEATHER_TOOL: dict[str, Any] = {"type": "function", **samples.WEATHER_TOOL["function"], "strict": False}
 WEATHER = "What's the weather like in Paris?"
 HELLO = "Say hello in three words."
 STORY = "Write a long story about a dragon."
