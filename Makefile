@@ -11,7 +11,7 @@ PORT   ?= 8000
 MODEL  ?= default
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test install install-test install-vllm install-llamacpp install-bfcl-runner lint clean
+.PHONY: serve test test-fast install install-test install-vllm install-llamacpp install-bfcl-runner lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -70,6 +70,11 @@ lint: install-test
 test: install-test install-vllm install-llamacpp
 	$(MAKE) lint
 	$(PY) -m pytest -q
+
+# The inner loop: lint, then every test that loads no model (no vLLM, no server subprocess); about 2 minutes.
+test-fast: install-test
+	$(MAKE) lint
+	$(PY) -m pytest -q -m "not model"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -171,17 +171,8 @@ def _graceful_server_class() -> type:
     return GracefulServer
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.adapters import AdapterRegistry, BaseModel
-    from server.api import create_app
-    from server.engine import create_engine
-    from server.serving import ChatService, ServingConfig
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_dir = model_store.resolve(args.model)
-    name, *aliases = args.served_model_name or [model_store.model_name(args.model)]
+def _engine_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The `serve` flags the chosen engine takes."""
     options: dict[str, Any] = {
         "model_name": name,
         "max_batch_size": args.max_batch_size,
@@ -201,7 +192,22 @@ def _serve(args: argparse.Namespace) -> int:
         }
     if args.engine == "llamacpp":
         options["gguf"] = args.gguf or model_store.gguf_path(args.model)
-    engine = create_engine(args.engine, str(model_dir), **options)
+    return options
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.adapters import AdapterRegistry, BaseModel
+    from server.api import create_app
+    from server.config import ServingConfig
+    from server.engine import create_engine
+    from server.serving import ChatService
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = model_store.resolve(args.model)
+    name, *aliases = args.served_model_name or [model_store.model_name(args.model)]
+    engine = create_engine(args.engine, str(model_dir), **_engine_options(args, name))
     config = ServingConfig(
         served_model_name=name,
         model_aliases=tuple(aliases),

@@ -353,6 +353,23 @@ def _convert(model: EmbeddedModel, gguf: Path, out: Path, progress: bool) -> Non
     if not tokenizer.chat_template:
         raise ModelStoreError(f"model {model.name!r}: the GGUF carries no chat template")
 
+    _set_end_of_turn(model, tokenizer, lm)
+    say(progress, f"{model.name}: loaded in {time.monotonic() - started:.0f} s; saving")
+
+    # The weights are dense now, but the GGUF quantizer still marks the model as unserializable.
+    # (torch annotates Module.__setattr__ for tensors and modules only; any other value is a plain attribute)
+    lm.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _check_saved(model, out)
+
+    _write_source(model, out, {"torch": torch.__version__, "transformers": transformers.__version__})
+
+
+def _set_end_of_turn(model: EmbeddedModel, tokenizer: Any, lm: Any) -> None:
+    """The end-of-turn token(s) in the generation config, and a padding token (batching needs one)."""
     vocab = tokenizer.get_vocab()
     eos_ids = [vocab[t] for t in model.eos_tokens if t in vocab]
     if not eos_ids and tokenizer.eos_token_id is not None:
@@ -366,18 +383,10 @@ def _convert(model: EmbeddedModel, gguf: Path, out: Path, progress: bool) -> Non
     gen.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
-    say(progress, f"{model.name}: loaded in {time.monotonic() - started:.0f} s; saving")
 
-    # The weights are dense now, but the GGUF quantizer still marks the model as unserializable.
-    # (torch annotates Module.__setattr__ for tensors and modules only; any other value is a plain attribute)
-    lm.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(lm.config, "quantization_config"):
-        del lm.config.quantization_config
-    lm.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _check_saved(model, out)
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+def _write_source(model: EmbeddedModel, out: Path, versions: dict[str, str]) -> None:
+    """The marker that the checkpoint is complete (written last, after the data is durable): where it came from."""
     with contextlib.suppress(Exception):
         from importlib.metadata import version
 

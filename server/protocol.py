@@ -5,9 +5,17 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from server.refine import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, RefineMode, StopReason
 
@@ -15,6 +23,29 @@ from server.refine import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, RefineMo
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 SCHEMA_OBJECT_TYPES = ("object", "dict")  # "dict" is BFCL's spelling of a JSON Schema object
 ChoiceFinishReason = Literal["stop", "length", "tool_calls"]
+ToolChoiceMode = Literal["none", "auto", "required"]
+# Sampling bounds, OpenAI's; the chat and Responses requests share them.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TokenCount = Annotated[int, Field(ge=1)]
+
+
+def not_text(kind: str) -> str:
+    """The error for a content part this text-only server cannot take (chat and Responses alike)."""
+    return f"content parts of type '{kind}' are not supported: this server takes text only"
+
+
+def completion_id() -> str:
+    """The id of one chat completion, shared by all the chunks of a streamed one."""
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class _Sparse(BaseModel):
+    """Fields that are None are left out of the JSON (OpenAI leaves out what a delta or an extension lacks)."""
+
+    @model_serializer(mode="wrap")
+    def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class TextPart(BaseModel):
@@ -49,7 +80,7 @@ class Message(BaseModel):
         for part in content if isinstance(content, list) else []:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind is not None and kind != "text":
-                raise ValueError(f"content parts of type '{kind}' are not supported: this server takes text only")
+                raise ValueError(not_text(kind))
         return content
 
     @model_validator(mode="after")
@@ -137,12 +168,12 @@ class ChatCompletionRequest(BaseModel):
     model: str
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: bool | None = None
@@ -193,11 +224,11 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCallOut] | None = None
 
 
-class Refinement(BaseModel):
+class Refinement(_Sparse):
     mode: RefineMode
     iterations: int
     stop_reason: StopReason
-    answers: list[str] | None = None
+    answers: list[str] | None = None  # with return_refinement_history only
 
 
 class TopLogprob(BaseModel):
@@ -244,7 +275,7 @@ class Usage(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    id: str = Field(default_factory=completion_id)
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
@@ -254,16 +285,59 @@ class ChatCompletionResponse(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         body = self.model_dump(mode="json")
-        if self.refinement.answers is None:
-            del body["refinement"]["answers"]
         for choice in body["choices"]:
             if choice["message"]["tool_calls"] is None:
                 del choice["message"]["tool_calls"]
             if choice["refinement"] is None:
                 del choice["refinement"]
-            elif choice["refinement"]["answers"] is None:
-                del choice["refinement"]["answers"]
         return body
+
+
+# ---- streaming: `chat.completion.chunk`s (server/streaming.py makes them)
+
+
+class FunctionDelta(_Sparse):
+    name: str | None = None  # on a call's first delta
+    arguments: str
+
+
+class ToolCallDelta(_Sparse):
+    index: int
+    id: str | None = None  # id and type on a call's first delta
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class Delta(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: ChoiceFinishReason | None = None
+
+
+class RefinementRound(_Sparse):
+    """A refine round of one choice has ended (streamed before the answer is); `answer` with the history only."""
+
+    choice: int
+    round: int
+    answer: str | None = None
+
+
+class ChatCompletionChunk(_Sparse):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None  # the last chunk, with stream_options.include_usage
+    refinement: Refinement | None = None  # on a choice's last chunk
+    refinement_round: RefinementRound | None = None
 
 
 class ModelCard(BaseModel):
@@ -279,17 +353,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 class LoadLoraAdapter(BaseModel):

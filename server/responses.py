@@ -19,7 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.engine import SamplingParams
 from server.errors import APIError, BadRequest
-from server.protocol import ChatCompletionRequest, ChatCompletionResponse, FunctionSpec
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    FunctionSpec,
+    Temperature,
+    TokenCount,
+    ToolChoiceMode,
+    TopP,
+    not_text,
+)
 from server.refine import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, RefineMode
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,7 @@ class ContentPart(BaseModel):
     @classmethod
     def _text_only(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("type") in NON_TEXT_PARTS:
-            raise ValueError(f"this server takes text only; {data['type']} parts are not supported")
+            raise ValueError(not_text(data["type"]))
         return data
 
 
@@ -121,11 +130,11 @@ class ResponsesRequest(BaseModel):
     input: list[InputItem]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    tool_choice: ToolChoiceMode | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_output_tokens: TokenCount | None = None
     stream: bool = False
     text: TextConfig | None = None
     store: bool | None = None  # accepted (OpenAI's default is true), never honoured: nothing is stored

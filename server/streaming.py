@@ -7,12 +7,24 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from server.errors import APIError, error_body
-from server.protocol import AssistantMessage
+from server.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChoiceFinishReason,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    FunctionDelta,
+    Refinement,
+    RefinementRound,
+    ToolCallDelta,
+    Usage,
+    completion_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,65 +37,51 @@ def _pieces(text: str) -> list[str]:
 
 
 class ChunkFactory:
-    """The chunks of one streamed completion; they share its id, creation time and model."""
+    """The chunks of one streamed completion (protocol.ChatCompletionChunk, as JSON); they share its id, creation
+    time and model."""
 
     def __init__(self, model: str) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = completion_id()
         self.created = int(time.time())
         self.model = model
 
-    def _chunk(self, choices: list[dict[str, Any]], **extension: Any) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extension,
-        }
+    def _chunk(self, choices: list[ChunkChoice], **extension: Any) -> dict[str, Any]:
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, **extension)
+        return chunk.model_dump(mode="json")
 
-    def _delta(
-        self, index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None
-    ) -> dict[str, Any]:
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    def _delta(self, index: int, delta: Delta) -> dict[str, Any]:
+        return self._chunk([ChunkChoice(index=index, delta=delta)])
 
     def role(self, indices: Iterable[int]) -> dict[str, Any]:
-        return self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in indices])
+        return self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in indices])
 
     def content(self, index: int, text: str) -> dict[str, Any]:
-        return self._chunk([self._delta(index, {"content": text})])
+        return self._delta(index, Delta(content=text))
 
     def round_report(self, index: int, round_number: int, answer: str | None) -> dict[str, Any]:
-        report: dict[str, Any] = {"choice": index, "round": round_number}
-        if answer is not None:
-            report["answer"] = answer
-        return self._chunk([], refinement_round=report)
+        return self._chunk([], refinement_round=RefinementRound(choice=index, round=round_number, answer=answer))
 
     def answer(self, index: int, message: AssistantMessage) -> list[dict[str, Any]]:
         chunks = [self.content(index, piece) for piece in _pieces(message.content or "")]
         for k, call in enumerate(message.tool_calls or []):
-            head = {
-                "index": k,
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.function.name, "arguments": ""},
-            }
-            chunks.append(self._chunk([self._delta(index, {"tool_calls": [head]})]))
+            head = ToolCallDelta(
+                index=k, id=call.id, type="function", function=FunctionDelta(name=call.function.name, arguments="")
+            )
+            chunks.append(self._delta(index, Delta(tool_calls=[head])))
             for piece in _pieces(call.function.arguments):
-                fragment = {"index": k, "function": {"arguments": piece}}
-                chunks.append(self._chunk([self._delta(index, {"tool_calls": [fragment]})]))
+                fragment = ToolCallDelta(index=k, function=FunctionDelta(arguments=piece))
+                chunks.append(self._delta(index, Delta(tool_calls=[fragment])))
         return chunks
 
     def finish(
-        self, index: int, finish_reason: str, refinement: dict[str, Any], logprobs: dict[str, Any] | None = None
+        self, index: int, finish_reason: ChoiceFinishReason, refinement: Refinement, logprobs: ChoiceLogprobs | None
     ) -> dict[str, Any]:
         """The last chunk of a choice. It carries the answer's logprobs, all of them (the answer may have been
         decided after the refine loop, and clients join `logprobs.content` across chunks anyway)."""
-        if refinement.get("answers") is None:
-            refinement = {k: v for k, v in refinement.items() if k != "answers"}
-        return self._chunk([self._delta(index, {}, finish_reason, logprobs)], refinement=refinement)
+        choice = ChunkChoice(index=index, delta=Delta(), logprobs=logprobs, finish_reason=finish_reason)
+        return self._chunk([choice], refinement=refinement)
 
-    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+    def usage(self, usage: Usage) -> dict[str, Any]:
         return self._chunk([], usage=usage)
 
 

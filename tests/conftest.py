@@ -34,6 +34,23 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"the suite needs {', '.join(missing)}: run `make install-test`")
 
 
+# Fixtures that load a model, directly or through a server subprocess; any fixture named like a server counts too.
+MODEL_FIXTURES = {"smol_dir", "smol_server", "lora_dir", "qwen", "qwen_tokenizer"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test that needs a model `model`, so that `pytest -m "not model"` (`make test-fast`) runs the rest."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if (
+            fixtures & MODEL_FIXTURES
+            or any(name.endswith("server") for name in fixtures)
+            or item.get_closest_marker("qwen")
+            or "vllm" in item.path.parts
+        ):
+            item.add_marker(pytest.mark.model)
+
+
 SMOL = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
 API_KEY = "test-key"

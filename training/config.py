@@ -89,7 +89,7 @@ class SFTConfig:
 
 
 @dataclass
-class EvalConfig:
+class HeldoutConfig:
     max_new_tokens: int = 256
     concurrency: int = 8  # greedy requests in flight (the engine batches them)
 
@@ -117,7 +117,7 @@ class TrainConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: HeldoutConfig = field(default_factory=HeldoutConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def to_dict(self) -> dict[str, Any]:

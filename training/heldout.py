@@ -12,7 +12,7 @@ from typing import Any
 
 from server.engine.base import Engine, SamplingParams
 from server.prompts import PromptFormat
-from training.config import EvalConfig
+from training.config import HeldoutConfig
 from training.data import Sample
 from training.matching import answer_matches
 from training.resumable import map_resumable
@@ -22,7 +22,7 @@ from training.select import sample_answers
 async def evaluate(
     engine: Engine,
     samples: Sequence[Sample],
-    config: EvalConfig,
+    config: HeldoutConfig,
     records_path: Path,
     *,
     fmt: PromptFormat = PromptFormat.PYTHONIC,

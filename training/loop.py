@@ -119,6 +119,7 @@ class Run:
         self.state = self._load_state()
         self._engine: Any = None
         self._loaded: set[str] = set()
+        self.base_dir: Path  # the base model's directory, resolved (and prepared) by `run`
 
     # ---- state ----
 
@@ -222,13 +223,12 @@ class Run:
                 data.train += self._followups(data.train, tokenizer)
             if "baseline" not in self.state:
                 self.state["baseline"] = self._main_only(lambda: self._evaluate(data.heldout, None, "baseline"))
-                self._save_state()
-                self._sync_state()
+                self._commit()
             log.info("baseline (base model) on the held-out slice: %s", self.state["baseline"])
             self._iterate(data)
         finally:
             self._close_engine()
-        return self.finish()
+        return self.publish()
 
     def _iterate(self, data: RunData) -> None:
         cfg = self.config
@@ -256,8 +256,7 @@ class Run:
 
         if "selected" not in it:
             it.update(self._main_only(lambda: self._select(t, data.train, adapter, work)))
-            self._save_state()
-            self._sync_state()
+            self._commit()
             it = self._iteration(t)
         log.info("iteration %d: %d of %d selected (pass@%d)", t, it["selected"], len(data.train), cfg.selection.k)
         if cfg.loop.stop_when_not_growing and previous and it["selected"] <= previous["selected"]:
@@ -269,46 +268,51 @@ class Run:
 
         if "refine" not in it:
             it["refine"] = self._main_only(lambda: self._refine(t, data.train, adapter, work))
-            self._save_state()
-            self._sync_state()
+            self._commit()
             it = self._iteration(t)
         log.info("iteration %d: refine examples %s", t, it["refine"])
 
         if "train" not in it:
-            examples = [Example.from_json(json.loads(line)) for line in (work / "examples.jsonl").open()]
-            init = None if cfg.loop.restart_lora or adapter is None else adapter
-            started = time.monotonic()
-            done_file = work / "train_result.json"  # written after the adapter: a crash right after keeps it
-            if done_file.exists():
-                it["train"] = json.loads(done_file.read_text())
-            else:
-                it["train"] = _train(self, examples, work, init, t).to_json()
-                if self.dist.is_main_process:
-                    done_file.write_text(json.dumps(it["train"]) + "\n")
-            it["adapter"] = str(work / "adapter")
-            log.info(
-                "iteration %d: trained %d steps on %d examples in %.0f s, loss %s → %s",
-                t,
-                it["train"]["steps"],
-                it["train"]["examples"],
-                time.monotonic() - started,
-                it["train"]["first_loss"],
-                it["train"]["final_loss"],
-            )
-            self._save_state()
-            self._sync_state()
+            self._train_step(t, it, adapter, work)
+            self._commit()
             it = self._iteration(t)
 
         if "heldout" not in it:
             it["heldout"] = self._main_only(lambda: self._evaluate(data.heldout, Path(it["adapter"]), f"iter_{t}"))
-            self._save_state()
-            self._sync_state()
+            self._commit()
             it = self._iteration(t)
         log.info("iteration %d: held-out %s (baseline %s)", t, it["heldout"], self.state["baseline"])
         it["done"] = True
         self._save_state()
         if self.dist.is_main_process:
             self._plot()
+
+    def _train_step(self, t: int, it: dict[str, Any], adapter: Path | None, work: Path) -> None:
+        examples = [Example.from_json(json.loads(line)) for line in (work / "examples.jsonl").open()]
+        init = None if self.config.loop.restart_lora or adapter is None else adapter
+        started = time.monotonic()
+        done_file = work / "train_result.json"  # written after the adapter: a crash right after keeps it
+        if done_file.exists():
+            it["train"] = json.loads(done_file.read_text())
+        else:
+            it["train"] = _train(self, examples, work, init, t).to_json()
+            if self.dist.is_main_process:
+                done_file.write_text(json.dumps(it["train"]) + "\n")
+        it["adapter"] = str(work / "adapter")
+        log.info(
+            "iteration %d: trained %d steps on %d examples in %.0f s, loss %s → %s",
+            t,
+            it["train"]["steps"],
+            it["train"]["examples"],
+            time.monotonic() - started,
+            it["train"]["first_loss"],
+            it["train"]["final_loss"],
+        )
+
+    def _commit(self) -> None:
+        """Save what the main process recorded in a step; every process reads it back."""
+        self._save_state()
+        self._sync_state()
 
     def _main_only(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return fn() if self.dist.is_main_process else {}
@@ -417,7 +421,7 @@ class Run:
         except Exception:  # a missing matplotlib must not fail a training run
             log.warning("could not draw %s", PLOT_FILE, exc_info=True)
 
-    def finish(self) -> dict[str, Any]:
+    def publish(self) -> dict[str, Any]:
         """Publish the last trained iteration's adapter to `<output_dir>/<name>/` with its manifest."""
         done = [it for it in self.state["iterations"] if it.get("done")]
         if not done:

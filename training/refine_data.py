@@ -110,6 +110,13 @@ async def build_refine_examples(
         desc=f"refine it{iteration}",
         progress=progress,
     )
+    return refine_examples(selected, records, fmt)
+
+
+def refine_examples(
+    selected: Sequence[Sample], records: Mapping[str, Mapping[str, Any]], fmt: PromptFormat
+) -> list[Example]:
+    """The examples a refine step's records make: keep-your-answer ones, and the fixes that were kept."""
     by_id = {s.id: s for s in selected}
     examples = []
     for sid, record in records.items():

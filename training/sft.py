@@ -120,7 +120,7 @@ class TrainResult:
     examples: int
     dropped: int  # longer than max_seq_len
     steps: int
-    tokens: int  # trained-on (label) tokens per epoch
+    label_tokens: int  # trained-on tokens per epoch
     losses: list[float] = field(default_factory=list)  # mean token loss per optimizer step
     seconds: float = 0.0
 
@@ -129,7 +129,7 @@ class TrainResult:
             "examples": self.examples,
             "dropped": self.dropped,
             "steps": self.steps,
-            "label_tokens": self.tokens,
+            "label_tokens": self.label_tokens,
             "first_loss": self.losses[0] if self.losses else None,
             "final_loss": self.losses[-1] if self.losses else None,
             "losses": self.losses,
@@ -154,22 +154,73 @@ def train_lora(
 
     Resumes from `work_dir/checkpoint` when a previous attempt was interrupted."""
     from accelerate import Accelerator
-    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
+    from transformers import set_seed
 
-    started = time.monotonic()
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
-    )
-    set_seed(config.seed + seed_salt)
+    started, seed = time.monotonic(), config.seed + seed_salt
+    precision = _mixed_precision(config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    set_seed(seed)
+    rows, pad_id = _encode(base_dir, examples, config.max_seq_len)
+    lengths = [len(r.input_ids) for r in rows]
+    model = _lora_model(base_dir, config, init_adapter, base_model_name)
+    schedule = [b for e in range(config.epochs) for b in plan_batches(lengths, config.global_batch_size, seed + e)]
+    total = len(schedule)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = _optimizer(params, config, total)
+    result = TrainResult(len(rows), len(examples) - len(rows), total, sum(r.completion_length for r in rows))
+    checkpoint = work_dir / CHECKPOINT
+    start = _resume(checkpoint, model, optimizer, scheduler, result)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process))
+    for step in range(start, total):
+        batch = schedule[step]
+        micros = [[rows[i] for i in micro] for micro in micro_batches(batch, lengths, config.micro_batch_size)]
+        label_tokens = sum(rows[i].completion_length for i in batch)
+        loss = _accumulate(accelerator, model, micros[rank::world], label_tokens, pad_id)
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(round(loss, 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if on_step:
+            on_step(step + 1, loss)
+        if (step + 1) % config.checkpoint_every_steps == 0 and step + 1 < total and accelerator.is_main_process:
+            _save_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler, step + 1, result.losses, checkpoint)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_adapter(accelerator.unwrap_model(model), output_dir)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _encode(base_dir: Path, examples: Sequence[Example], max_seq_len: int) -> tuple[list[Encoded], int]:
+    """The examples that fit `max_seq_len`, tokenized, and the padding token's id."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    encoded = [encode_example(tokenizer, e.messages, e.target, config.max_seq_len, e.tools) for e in examples]
-    rows = [e for e in encoded if e is not None]
+    encoded = (encode_example(tokenizer, e.messages, e.target, max_seq_len, e.tools) for e in examples)
+    rows = [row for row in encoded if row is not None]
     if not rows:
         raise ValueError("no training example fits sft.max_seq_len")
-    lengths = [len(r.input_ids) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return rows, pad_id
+
+
+def _save_adapter(model: Any, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True, save_embedding_layers=False)
+
+
+def _lora_model(base_dir: Path, config: SFTConfig, init_adapter: Path | None, base_model_name: str | None) -> Any:
+    """The base model in float32 with a new LoRA adapter, or with `init_adapter` to train further."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if init_adapter is not None:
@@ -185,11 +236,12 @@ def train_lora(
         model = get_peft_model(model, lora)
     if base_model_name:  # adapter_config.json names the model, not this machine's cache path
         model.peft_config["default"].base_model_name_or_path = base_model_name
+    return model
 
-    seed = config.seed + seed_salt
-    schedule = [b for e in range(config.epochs) for b in plan_batches(lengths, config.global_batch_size, seed + e)]
-    total = len(schedule)
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def _optimizer(params: list[Any], config: SFTConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    from transformers import get_scheduler
+
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler,
@@ -199,58 +251,40 @@ def train_lora(
         num_warmup_steps=math.floor(config.warmup_ratio * total),
         num_training_steps=total,
     )
-    result = TrainResult(len(rows), len(encoded) - len(rows), total, sum(r.completion_length for r in rows))
+    return optimizer, scheduler
 
-    checkpoint = work_dir / CHECKPOINT
-    start = 0
-    if (checkpoint / "trainer_state.pt").exists():
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, result.losses = int(state["step"]), list(state["losses"])
-        torch.set_rng_state(state["rng"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process))
-    for step in range(start, total):
-        batch = schedule[step]
-        label_tokens = sum(rows[i].completion_length for i in batch)
-        mine = micro_batches(batch, lengths, config.micro_batch_size)[rank::world]
-        step_loss = torch.zeros(())
-        for j, micro in enumerate(mine):
-            tensors = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in micro], pad_id).items()}
-            keep = max(rows[i].completion_length for i in micro) + 1
-            sync = nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss_sum = completion_loss_sum(model, tensors, keep)
-                # Mean over the global batch's label tokens; DDP averages over processes, hence * world.
-                accelerator.backward(loss_sum / label_tokens * world)
-            step_loss += loss_sum.detach().float().cpu()
-        accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(accelerator.reduce(step_loss.to(accelerator.device), "sum")) / label_tokens
-        result.losses.append(round(loss, 5))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if on_step:
-            on_step(step + 1, loss)
-        if (step + 1) % config.checkpoint_every_steps == 0 and step + 1 < total and accelerator.is_main_process:
-            _save_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler, step + 1, result.losses, checkpoint)
-    bar.close()
+def _resume(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, result: TrainResult) -> int:
+    """Restore an interrupted run's adapter, optimizer, schedule, losses and RNG; the step to go on from (0: none)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(output_dir, safe_serialization=True, save_embedding_layers=False)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    result.seconds = time.monotonic() - started
-    return result
+    if not (checkpoint / "trainer_state.pt").exists():
+        return 0
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    result.losses = list(state["losses"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _accumulate(accelerator: Any, model: Any, micros: list[list[Encoded]], label_tokens: int, pad_id: int) -> float:
+    """Forward and backward over this process's micro-batches of one optimizer step (gradients synced on the
+    last); the step's mean loss per label token over every process."""
+    world = accelerator.num_processes
+    step_loss = torch.zeros(())
+    for j, micro in enumerate(micros):
+        tensors = {k: v.to(accelerator.device) for k, v in collate(micro, pad_id).items()}
+        keep = max(row.completion_length for row in micro) + 1
+        sync = nullcontext() if j == len(micros) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            loss_sum = completion_loss_sum(model, tensors, keep)
+            # Mean over the global batch's label tokens; DDP averages over processes, hence * world.
+            accelerator.backward(loss_sum / label_tokens * world)
+        step_loss += loss_sum.detach().float().cpu()
+    return float(accelerator.reduce(step_loss.to(accelerator.device), "sum")) / label_tokens
 
 
 def _mixed_precision(setting: str) -> str:
@@ -266,7 +300,7 @@ def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, step: int, loss
     """Write the checkpoint beside the old one, then swap: a crash mid-write leaves the old one intact."""
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True, save_embedding_layers=False)
+    _save_adapter(model, partial)
     state = {
         "step": step,
         "losses": losses,

@@ -7,8 +7,8 @@ from server.engine.base import (
     EngineError,
     FinishReason,
     Generation,
+    SampledToken,
     SamplingParams,
-    TokenLogprob,
 )
 
 ENGINES = ("transformers", "vllm", "llamacpp")
@@ -22,7 +22,7 @@ __all__ = [
     "FinishReason",
     "Generation",
     "SamplingParams",
-    "TokenLogprob",
+    "SampledToken",
     "create_engine",
 ]
 

@@ -51,7 +51,7 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
+class SampledToken:
     """One output token, its log-probability, and the most likely tokens at its position (most likely first)."""
 
     token: str
@@ -67,7 +67,7 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     stop_token_id: int | None = None  # the end-of-sequence token that ended it, if one did
-    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked for
+    logprobs: tuple[SampledToken, ...] | None = None  # one per token id, when asked for
 
     @property
     def as_draft(self) -> list[int]:

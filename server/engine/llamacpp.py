@@ -54,8 +54,8 @@ from server.engine.base import (
     EngineError,
     FinishReason,
     Generation,
+    SampledToken,
     SamplingParams,
-    TokenLogprob,
     checked_prompt_ids,
     context_length,
     encode_chat,
@@ -324,7 +324,7 @@ class LlamaCppEngine:
         logprobs = None
         if params.logprobs is not None:
             logprobs = tuple(
-                TokenLogprob(
+                SampledToken(
                     token=p["token"],
                     logprob=float(p["logprob"]),
                     top=tuple((t["token"], float(t["logprob"])) for t in p.get("top_logprobs", [])[: params.logprobs]),

@@ -42,8 +42,8 @@ from server.engine.base import (
     EngineError,
     FinishReason,
     Generation,
+    SampledToken,
     SamplingParams,
-    TokenLogprob,
     checked_prompt_ids,
     context_length,
     encode_chat,
@@ -96,7 +96,7 @@ class _Row:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     streamed: int = 0  # characters of text already handed to the job's on_text
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # per sampled token, when the job asks for them
+    logprobs: list[SampledToken] = field(default_factory=list)  # per sampled token, when the job asks for them
 
     @property
     def position(self) -> int:
@@ -314,7 +314,7 @@ class TransformersEngine:
     def _run_batch(self, jobs: list[_Job]) -> None:
         try:
             with torch.inference_mode(), self._adapter_scope(jobs[0].adapter):
-                self._decode(jobs)
+                self._decode_and_admit(jobs)
         except Exception as exc:
             log.exception("generation failed for a batch of %d requests", len(jobs))
             for job in jobs:
@@ -341,7 +341,7 @@ class TransformersEngine:
         self.model.set_adapter(self._adapters[adapter] if adapter is not None else next(iter(self._adapters.values())))
         return self.model.disable_adapter() if adapter is None else nullcontext()
 
-    def _decode(self, jobs: list[_Job]) -> None:
+    def _decode_and_admit(self, jobs: list[_Job]) -> None:
         """Decode a batch to its end. Jobs that arrive meanwhile join it in the rows finished ones free (continuous
         batching), so one long answer does not hold up requests queued behind it; `jobs` grows as they join."""
         cache, attention, rows, next_tokens = self._start(jobs)
@@ -526,11 +526,11 @@ class TransformersEngine:
                 row.logprobs.append(self._logprob(logits[i], tokens[i], row.job.params.logprobs))
         return tokens
 
-    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> SampledToken:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         best = logprobs.topk(top) if top else None
         alternatives = zip(best.indices.tolist(), best.values.tolist(), strict=True) if best is not None else ()
-        return TokenLogprob(
+        return SampledToken(
             self._decode_text([token]),
             float(logprobs[token]),
             tuple((self._decode_text([t]), lp) for t, lp in alternatives),

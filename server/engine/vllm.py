@@ -46,8 +46,8 @@ from server.engine.base import (
     EngineError,
     FinishReason,
     Generation,
+    SampledToken,
     SamplingParams,
-    TokenLogprob,
     checked_prompt_ids,
     encode_chat,
     eos_token_ids,
@@ -104,7 +104,6 @@ class VllmEngine:
         self.max_lora_rank = max_lora_rank
         if enable_prefix_caching is None:
             enable_prefix_caching = prefix_cache_tokens is None or prefix_cache_tokens > 0
-        os.environ.setdefault(CPU_KV_CACHE_ENV, "1")  # vLLM's CPU default would take a large share of RAM
         args: dict[str, Any] = {
             "model": str(self.model_dir),
             "served_model_name": self.model_name,
@@ -118,43 +117,38 @@ class VllmEngine:
             # Same grammar engine and compact JSON as the transformers backend (server/engine/constrained.py).
             "structured_outputs_config": {"backend": structured_outputs_backend, "disable_any_whitespace": True},
             "disable_log_stats": True,
+            **({"max_num_seqs": max_batch_size} if max_batch_size else {}),
+            **(_lora_args(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else {}),
+            **({"speculative_config": dict(speculative_config)} if speculative_config else {}),
+            **(engine_args or {}),
         }
-        if max_batch_size:
-            args["max_num_seqs"] = max_batch_size
-        if enable_lora:
-            cpu_loras = max(max_cpu_loras or max_loras, max_loras)
-            args.update(max_loras=max_loras, max_lora_rank=_vllm_rank(max_lora_rank), max_cpu_loras=cpu_loras)
-        if speculative_config:
-            args["speculative_config"] = dict(speculative_config)
-        args.update(engine_args or {})
-
         self._adapters: dict[str, Any] = {}  # name -> LoRARequest
         self._lora_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()  # running requests, on the engine loop
         self._closed = False
-        self._llm: Any = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="toolace-vllm", daemon=True)
+        self._llm = self._start(AsyncEngineArgs(**args))
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+
+    def _start(self, args: Any) -> Any:
+        """vLLM's engine, built on the engine loop (started here), so that its output handler task lives there."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        async def build() -> Any:
+            return AsyncLLM.from_engine_args(args)
+
+        os.environ.setdefault(CPU_KV_CACHE_ENV, "1")  # vLLM's CPU default would take a large share of RAM
         self._thread.start()
         try:
-            self._llm = self._run_on_loop(self._start(AsyncEngineArgs(**args))).result()
+            llm = self._run_on_loop(build()).result()
         except BaseException:
             self._stop_loop()
             raise
-        self.max_model_len = int(self._llm.model_config.max_model_len)
-        log.info(
-            "vLLM engine ready: %s, max_model_len %d, prefix caching %s, LoRA %s",
-            self.model_name,
-            self.max_model_len,
-            "on" if enable_prefix_caching else "off",
-            f"on (max rank {max_lora_rank}, {max_loras} per batch)" if enable_lora else "off",
-        )
-
-    async def _start(self, args: Any) -> Any:
-        """Built on the engine loop, so that vLLM's output handler task lives there."""
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        return AsyncLLM.from_engine_args(args)
+        lora = f"on (max rank {self.max_lora_rank}, {args.max_loras} per batch)" if args.enable_lora else "off"
+        details = f"max_model_len {llm.model_config.max_model_len}, prefix caching {args.enable_prefix_caching}"
+        log.info("vLLM engine ready: %s, %s, LoRA %s", self.model_name, details, lora)
+        return llm
 
     # ---- public API (caller's event loop) ----
 
@@ -360,15 +354,20 @@ _request_numbers = itertools.count()
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
+def _lora_args(max_loras: int, max_lora_rank: int, max_cpu_loras: int | None) -> dict[str, Any]:
+    cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+    return {"max_loras": max_loras, "max_lora_rank": _vllm_rank(max_lora_rank), "max_cpu_loras": cpu_loras}
+
+
 def _vllm_rank(rank: int) -> int:
     """The smallest max_lora_rank vLLM accepts that holds `rank` (adapters are still refused above `rank`)."""
     return next((r for r in _VLLM_RANKS if r >= rank), rank)
 
 
-def _token_logprob(token_id: int, entry: Mapping[int, Any], top: int) -> TokenLogprob:
-    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} as the protocol's TokenLogprob: the
+def _token_logprob(token_id: int, entry: Mapping[int, Any], top: int) -> SampledToken:
+    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} as a SampledToken: the
     `top` most likely (rank 1..top) plus the sampled token, which may rank lower."""
     chosen = entry[token_id]
     ranked = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
     alternatives = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
-    return TokenLogprob(chosen.decoded_token or "", chosen.logprob, alternatives)
+    return SampledToken(chosen.decoded_token or "", chosen.logprob, alternatives)

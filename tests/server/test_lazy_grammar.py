@@ -30,12 +30,13 @@ from hypothesis import strategies as st
 
 from server import toolcalls
 from server.cli import _serve_parser
+from server.config import ServingConfig
 from server.engine import SamplingParams
 from server.engine.constrained import added_tokens, grammar_error
 from server.engine.transformers import TransformersEngine
 from server.errors import BadRequest
+from server.planning import Planner
 from server.protocol import ChatCompletionRequest
-from server.serving import ChatService, ServingConfig
 from server.tool_choice import closed, json_schema
 from server.tool_grammar import tool_grammar
 from tests.conftest import RunningServer
@@ -408,33 +409,33 @@ def test_engine_decodes_freely_when_a_grammar_cannot_be_built(
 # ---- serving: when the grammar is used ----
 
 
-def sampling(service: ChatService, **body: Any) -> SamplingParams:
+def sampling(planner: Planner, **body: Any) -> SamplingParams:
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], **body}
     )
-    return service._sampling(request)
+    return planner.sampling(request)
 
 
 @pytest.fixture
-def service() -> ChatService:
+def planner() -> Planner:
     config = ServingConfig(served_model_name="m", tool_grammar=True)  # a server started with --tool-grammar
-    return ChatService(engine=object(), config=config)  # type: ignore[arg-type]
+    return Planner(engine=object(), config=config)  # type: ignore[arg-type]
 
 
-def test_auto_gets_the_grammar(service: ChatService) -> None:
+def test_auto_gets_the_grammar(planner: Planner) -> None:
     for body in ({}, {"tool_choice": "auto"}, {"tool_grammar": True}):
-        params = sampling(service, **body)
+        params = sampling(planner, **body)
         assert params.grammar is not None and params.json_schema is None
-    assert accepted(sampling(service).grammar, "[get_weather(city='x'), get_weather(city='y')]")  # type: ignore[arg-type]
-    single = sampling(service, parallel_tool_calls=False).grammar
+    assert accepted(sampling(planner).grammar, "[get_weather(city='x'), get_weather(city='y')]")  # type: ignore[arg-type]
+    single = sampling(planner, parallel_tool_calls=False).grammar
     assert single is not None and not accepted(single, "[get_weather(city='x'), get_weather(city='y')]")
 
 
-def test_the_grammar_can_be_turned_off(service: ChatService) -> None:
-    assert sampling(service, tool_grammar=False).grammar is None
-    assert sampling(service, tool_choice="none").grammar is None
-    assert sampling(service, tool_choice="required").grammar is None  # a JSON schema instead
-    off = ChatService(engine=object(), config=ServingConfig(served_model_name="m"))  # type: ignore[arg-type]
+def test_the_grammar_can_be_turned_off(planner: Planner) -> None:
+    assert sampling(planner, tool_grammar=False).grammar is None
+    assert sampling(planner, tool_choice="none").grammar is None
+    assert sampling(planner, tool_choice="required").grammar is None  # a JSON schema instead
+    off = Planner(engine=object(), config=ServingConfig(served_model_name="m"))  # type: ignore[arg-type]
     assert sampling(off).grammar is None  # off by default until BFCL measures it better (RESULTS.md)
     assert sampling(off, tool_grammar=True).grammar is not None  # a request may still ask for it
     args = argparse.ArgumentParser().add_subparsers()
@@ -450,17 +451,17 @@ def test_the_grammar_can_be_turned_off(service: ChatService) -> None:
 
 
 def test_an_undecodable_schema_decodes_freely_under_auto_and_is_a_400_under_required(
-    service: ChatService, caplog: pytest.LogCaptureFixture
+    planner: Planner, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad = {
         "type": "function",
         "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "foo"}}}},
     }
     with caplog.at_level(logging.WARNING):
-        assert sampling(service, tools=[WEATHER, bad]).grammar is None
+        assert sampling(planner, tools=[WEATHER, bad]).grammar is None
     assert "without the tool-call grammar" in caplog.text and "Invalid type: foo" in caplog.text
     with pytest.raises(BadRequest) as raised:
-        sampling(service, tools=[WEATHER, bad], tool_choice="required")
+        sampling(planner, tools=[WEATHER, bad], tool_choice="required")
     assert raised.value.param == "tools[1].function.parameters"
 
 

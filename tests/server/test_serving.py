@@ -15,9 +15,10 @@ import openai
 import pytest
 
 from server.api import create_app
+from server.config import ServingConfig
 from server.engine.base import EngineError, SamplingParams
 from server.prompts import REFINE_PROMPT
-from server.serving import ChatService, ServingConfig
+from server.serving import ChatService
 from tests.conftest import assert_error
 from tests.fakes import ScriptedEngine
 from tests.samples import HELLO, WEATHER_TOOL

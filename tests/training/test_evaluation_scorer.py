@@ -136,14 +136,19 @@ def test_underscore_names_map_back_to_bfcl_names() -> None:
     assert bfcl.score(question, calls).valid
 
 
+def test_a_call_without_a_name_does_not_decode() -> None:
+    for function in ({"arguments": "{}"}, {"name": "", "arguments": "{}"}, {"name": None, "arguments": "{}"}):
+        assert bfcl.calls_from_tool_calls([{"function": function}]) == (None, "tool_calls[0] has no function name")
+
+
 def test_subsets_are_fixed_and_nested() -> None:
-    first = [q.id for q in bfcl.select("parallel", 20)]
-    assert first == [q.id for q in bfcl.select("parallel", 20)]
+    first = [q.id for q in bfcl.subset("parallel", 20)]
+    assert first == [q.id for q in bfcl.subset("parallel", 20)]
     assert len(first) == 20 and len(set(first)) == 20
-    assert set(first) <= {q.id for q in bfcl.select("parallel", 50)}
-    assert first != [q.id for q in bfcl.select("parallel", 20, seed=1)]
+    assert set(first) <= {q.id for q in bfcl.subset("parallel", 50)}
+    assert first != [q.id for q in bfcl.subset("parallel", 20, seed=1)]
     assert first != [f"parallel_{i}" for i in range(20)]  # spread over the category, not its head
-    assert len(bfcl.select("parallel", None)) == len(bfcl.select("parallel", 10_000)) == 200
+    assert len(bfcl.subset("parallel", None)) == len(bfcl.subset("parallel", 10_000)) == 200
 
 
 def test_round_histories_score_each_round_and_the_running_majority() -> None:

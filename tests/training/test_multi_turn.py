@@ -225,11 +225,11 @@ def test_call_strings_round_trip_through_bfcl_decoder(arguments: dict[str, Any])
 
 
 def test_subsets_are_fixed_and_nested_and_the_runner_resumes(tmp_path: Path) -> None:
-    first = [q.id for q in multi_turn.select(CATEGORY, 5)]
-    assert first == [q.id for q in multi_turn.select(CATEGORY, 5)] and len(set(first)) == 5
-    assert set(first) <= {q.id for q in multi_turn.select(CATEGORY, 20)}
+    first = [q.id for q in multi_turn.subset(CATEGORY, 5)]
+    assert first == [q.id for q in multi_turn.subset(CATEGORY, 5)] and len(set(first)) == 5
+    assert set(first) <= {q.id for q in multi_turn.subset(CATEGORY, 20)}
     assert first != [f"{CATEGORY}_{i}" for i in range(5)]
-    assert len(multi_turn.select(CATEGORY)) == 200
+    assert len(multi_turn.subset(CATEGORY)) == 200
     text = ScriptedClient(lambda request: _completion(text="No."))
     config = _config(tmp_path, limit=2, modes=("none", "vanilla"), categories=("simple_python", CATEGORY))
     stats = Evaluator(config, text).run()
@@ -276,7 +276,7 @@ def test_multi_turn_end_to_end_against_the_real_server(smol_server, tmp_path: Pa
     ]  # fmt: skip
     assert cli.main(argv) == 0
     (row,) = read_jsonl(tmp_path / RESULTS_FILE)
-    assert row["category"] == CATEGORY and row["id"] == multi_turn.select(CATEGORY, 1)[0].id
+    assert row["category"] == CATEGORY and row["id"] == multi_turn.subset(CATEGORY, 1)[0].id
     assert row["requests"] >= 1 == len(row["turns"]) and row["request_id"].startswith("chatcmpl-")
     assert isinstance(row["valid"], bool) and (row["valid"] or row["error_type"])
     assert row["usage"]["completion_tokens"] > 0

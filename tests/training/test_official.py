@@ -14,7 +14,7 @@ def test_the_runner_gets_our_fixed_subsets(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "test_case_ids_to_generate.json").read_text())
     assert on_disk == ids
     for category in ("simple_python", "irrelevance"):
-        assert on_disk[category] == [q.id for q in bfcl.select(category, 7)]
+        assert on_disk[category] == [q.id for q in bfcl.subset(category, 7)]
         assert len(on_disk[category]) == 7 and all(i.startswith(category) for i in on_disk[category])
 
 

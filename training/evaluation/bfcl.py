@@ -109,16 +109,16 @@ def load_category(category: str) -> tuple[Question, ...]:
     return tuple(questions)
 
 
-def select(category: str, limit: int | None = None, seed: int = DEFAULT_SEED) -> list[Question]:
+def subset(category: str, limit: int | None = None, seed: int = DEFAULT_SEED) -> list[Question]:
     """The same `limit` questions of a category every time: a fixed-seed shuffle, its first `limit`, in data order.
 
     Subsets are nested: the questions of `--limit 50` are among those of `--limit 100`, so a run can be extended.
     """
-    return subset(load_category(category), category, limit, seed)
+    return nested_subset(load_category(category), category, limit, seed)
 
 
-def subset(questions: Sequence[Any], category: str, limit: int | None, seed: int = DEFAULT_SEED) -> list[Any]:
-    """`select`'s fixed, nested choice over any category's questions (the multi-turn ones too)."""
+def nested_subset(questions: Sequence[Any], category: str, limit: int | None, seed: int = DEFAULT_SEED) -> list[Any]:
+    """`subset`'s fixed, nested choice over any category's questions (the multi-turn ones too)."""
     if limit is None or limit >= len(questions):
         return list(questions)
     order = list(range(len(questions)))
@@ -218,7 +218,9 @@ def calls_from_tool_calls(
     calls = []
     for index, call in enumerate(tool_calls):
         function = call.get("function") or {}
-        name: Any = function.get("name")  # a str in any well-formed call
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            return None, f"tool_calls[{index}] has no function name"
         arguments = function.get("arguments")
         try:
             args = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else (arguments or {})

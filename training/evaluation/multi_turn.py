@@ -17,11 +17,12 @@ error message as its result and is left out of what the checker replays.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import keyword
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -98,9 +99,9 @@ def load_category(category: str) -> tuple[Question, ...]:
     return tuple(questions)
 
 
-def select(category: str, limit: int | None = None, seed: int = bfcl.DEFAULT_SEED) -> list[Question]:
+def subset(category: str, limit: int | None = None, seed: int = bfcl.DEFAULT_SEED) -> list[Question]:
     """The same `limit` questions every time, nested across limits (`bfcl.subset`)."""
-    return bfcl.subset(load_category(category), category, limit, seed)
+    return bfcl.nested_subset(load_category(category), category, limit, seed)
 
 
 # ---------------------------------------------------------------------------------------------------- calls
@@ -171,116 +172,122 @@ def score(question: Question, decoded: list[list[list[str]]], key: str, turns: i
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Play:
+    """One question's conversation as it is played: what is sent, and what is recorded of it."""
+
+    question: Question
+    config: EvalConfig
+    base: dict[str, Any]  # the request fields every request carries (model, tools, sampling, refinement)
+    key: str  # the question's backends (BFCL keeps them by this key)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    turns: list[list[dict[str, Any]]] = field(default_factory=list)  # per turn, per request: what was said and ran
+    decoded: list[list[list[str]]] = field(default_factory=list)  # per turn, per step with calls: what is replayed
+    request_ids: list[str] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+    usage: dict[str, int] = field(
+        default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    )
+
+    def turn(self, client: Any, user_messages: list[dict[str, Any]]) -> bfcl.Score | None:
+        """Play one user turn to its end; a Score when it ends the question early (a 4xx, force-terminated)."""
+        import openai
+
+        from training.evaluation.runner import rejection
+
+        self.messages.extend(copy.deepcopy(user_messages))
+        steps: list[dict[str, Any]] = []
+        scored: list[list[str]] = []
+        self.turns.append(steps)
+        self.decoded.append(scored)
+        for executed in itertools.count(1):
+            try:
+                response = client.chat.completions.create(messages=self.messages, **self.base)
+            except openai.APIStatusError as exc:
+                return bfcl.Score(False, rejection(exc), str(exc)[:500])
+            tool_calls, step = self._record(response)
+            steps.append(step)
+            if not tool_calls:
+                return None  # a text answer ends the turn
+            calls, decode_error = bfcl.calls_from_tool_calls(
+                tool_calls, self.question.name_map(self.config.underscore_names)
+            )
+            if decode_error is not None:  # as BFCL's handlers: an answer that does not decode ends the turn
+                step["error"] = decode_error
+                return None
+            assert calls is not None  # no decode error: calls
+            if runnable := self._run(calls, tool_calls, step):
+                scored.append(runnable)
+            if executed > self.config.max_steps:  # BFCL: still calling after max_steps + 1 steps: force-terminated
+                message = f"Still calling tools after {executed} steps in turn {len(self.turns) - 1}."
+                return bfcl.Score(False, "multi_turn:force_terminated", message)
+        raise AssertionError("unreachable")
+
+    def _record(self, response: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Take in one answer: its calls, and the step recorded for it (the assistant turn joins the messages)."""
+        self.request_ids.append(response.id)
+        if response.usage:
+            for k in self.usage:
+                self.usage[k] += getattr(response.usage, k, 0) or 0
+        refinement = (response.model_extra or {}).get("refinement") or {}
+        if "iterations" in refinement:
+            self.rounds.append(refinement["iterations"])
+        message = response.choices[0].message
+        tool_calls = [tc.model_dump() for tc in (message.tool_calls or [])]
+        assistant: dict[str, Any] = {
+            "role": "assistant",
+            "content": message.content or ("" if not tool_calls else None),
+        }
+        if tool_calls:
+            assistant["tool_calls"] = [
+                {"id": tc["id"], "type": "function", "function": tc["function"]} for tc in tool_calls
+            ]
+        self.messages.append(assistant)
+        step: dict[str, Any] = {"content": message.content, "calls": [], "results": []}
+        if refinement:
+            step.update(rounds=refinement.get("iterations"), stop_reason=refinement.get("stop_reason"))
+        return tool_calls, step
+
+    def _run(self, calls: list[dict[str, Any]], tool_calls: list[dict[str, Any]], step: dict[str, Any]) -> list[str]:
+        """Execute an answer's calls (offered ones only: the others get an error as their result); each result
+        goes back as a `tool` message. Returns the calls that ran."""
+        offered = set(self.question.name_map(self.config.underscore_names).values())
+        texts = [call_string(name, args) for call in calls for name, args in call.items()]
+        refusals = [_refusal(name, args, offered) for call in calls for name, args in call.items()]
+        runnable = [t for t, r in zip(texts, refusals, strict=True) if r is None]
+        ran = iter(_execute(runnable, self.question, self.key) if runnable else [])
+        results = [r if r is not None else next(ran) for r in refusals]
+        for tc, output in zip(tool_calls, results, strict=True):
+            self.messages.append({"role": "tool", "content": output, "tool_call_id": tc["id"]})
+        step.update(calls=texts, results=[r[:RESULT_CHARS] for r in results])
+        return runnable
+
+
 def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: str) -> dict[str, Any]:
     """Play one question through `client.chat.completions.create` and score it; the row to write.
 
     Connection errors, 5xx and the like propagate (the runner retries the question next run); a 4xx that is the
     question's fault (a conversation past the context length) ends it as an invalid row.
     """
-    import openai
-
-    from training.evaluation.runner import rejection
-
-    tools = question.tools(config.underscore_names)
-    name_map = question.name_map(config.underscore_names)
-    offered = set(name_map.values())
-    base: dict[str, Any] = {"model": config.model, "tools": tools}
-    if config.temperature is not None:
-        base["temperature"] = config.temperature
-    if config.max_tokens is not None:
-        base["max_tokens"] = config.max_tokens
-    if mode != RefineMode.NONE:
-        base["extra_body"] = {"refine": mode, "max_refine_iterations": config.max_refine_iterations}
     played = question.turns[: config.max_turns] if config.max_turns else question.turns
-
-    key = _backend_key()
-    messages: list[dict[str, Any]] = []
-    turns: list[list[dict[str, Any]]] = []  # per turn, per request: what the model said and what ran
-    decoded: list[list[list[str]]] = []  # per turn, per step with calls: what the checker replays
-    request_ids: list[str] = []
-    rounds: list[int] = []
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    failure: bfcl.Score | None = None
+    play = _Play(question, config, config.request_fields(mode, question.tools(config.underscore_names)), _backend_key())
     started = time.monotonic()
     try:
+        failure = None
         for user_messages in played:
-            messages.extend(copy.deepcopy(user_messages))
-            steps: list[dict[str, Any]] = []
-            scored: list[list[str]] = []
-            turns.append(steps)
-            decoded.append(scored)
-            executed = 0
-            while True:
-                try:
-                    response = client.chat.completions.create(messages=messages, **base)
-                except openai.APIStatusError as exc:
-                    failure = bfcl.Score(False, rejection(exc), str(exc)[:500])
-                    break
-                request_ids.append(response.id)
-                if response.usage:
-                    for k in usage:
-                        usage[k] += getattr(response.usage, k, 0) or 0
-                refinement = (response.model_extra or {}).get("refinement") or {}
-                if "iterations" in refinement:
-                    rounds.append(refinement["iterations"])
-                message = response.choices[0].message
-                tool_calls = [tc.model_dump() for tc in (message.tool_calls or [])]
-                assistant: dict[str, Any] = {
-                    "role": "assistant",
-                    "content": message.content or ("" if not tool_calls else None),
-                }
-                if tool_calls:
-                    assistant["tool_calls"] = [
-                        {"id": tc["id"], "type": "function", "function": tc["function"]} for tc in tool_calls
-                    ]
-                messages.append(assistant)
-                step: dict[str, Any] = {"content": message.content, "calls": [], "results": []}
-                if refinement:
-                    step.update(rounds=refinement.get("iterations"), stop_reason=refinement.get("stop_reason"))
-                steps.append(step)
-                if not tool_calls:
-                    break  # a text answer ends the turn
-                calls, decode_error = bfcl.calls_from_tool_calls(tool_calls, name_map)
-                if decode_error is not None:  # as BFCL's handlers: an answer that does not decode ends the turn
-                    step["error"] = decode_error
-                    break
-                assert calls is not None  # no decode error: calls
-                texts = [call_string(name, args) for call in calls for name, args in call.items()]
-                refusals = [_refusal(name, args, offered) for call in calls for name, args in call.items()]
-                runnable = [t for t, r in zip(texts, refusals, strict=True) if r is None]
-                ran = iter(_execute(runnable, question, key) if runnable else [])
-                results = [r if r is not None else next(ran) for r in refusals]
-                for tc, output in zip(tool_calls, results, strict=True):
-                    messages.append({"role": "tool", "content": output, "tool_call_id": tc["id"]})
-                step.update(calls=texts, results=[r[:RESULT_CHARS] for r in results])
-                if runnable:
-                    scored.append(runnable)
-                executed += 1
-                if executed > config.max_steps:  # BFCL: still calling after max_steps + 1 steps: force-terminated
-                    failure = bfcl.Score(
-                        False,
-                        "multi_turn:force_terminated",
-                        f"Still calling tools after {executed} steps in turn {len(turns) - 1}.",
-                    )
-                    break
-            if failure is not None:
+            if failure := play.turn(client, user_messages):
                 break
         latency = time.monotonic() - started
-        result = failure or score(question, decoded, key, len(played))
+        result = failure or score(question, play.decoded, play.key, len(played))
     finally:
-        _release(key)
-    return {
-        "model": config.model,
-        "label": label,
-        "mode": mode,
-        "max_refine_iterations": None if mode == RefineMode.NONE else config.max_refine_iterations,
-        "category": question.category,
-        "id": question.id,
-        "request_id": request_ids[-1] if request_ids else None,
-        "requests": len(request_ids),
+        _release(play.key)
+    rounds = play.rounds
+    return config.row_head(mode, question, label) | {
+        "request_id": play.request_ids[-1] if play.request_ids else None,
+        "requests": len(play.request_ids),
         "latency_s": round(latency, 3),
-        "turns": turns,
-        "calls": decoded,
+        "turns": play.turns,
+        "calls": play.decoded,
         "max_turns": config.max_turns,
         "valid": result.valid,
         "error_type": result.error_type,
@@ -288,5 +295,5 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
         # refine rounds per request, averaged over the question's requests (`none`: 0)
         "rounds": 0 if mode == RefineMode.NONE else (round(sum(rounds) / len(rounds), 3) if rounds else None),
         "stop_reason": None,
-        "usage": usage if request_ids else None,
+        "usage": play.usage if play.request_ids else None,
     }

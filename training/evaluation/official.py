@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def write_ids(out: Path, categories: list[str], limit: int | None, seed: int) -> dict[str, list[str]]:
-    ids = {category: [q.id for q in bfcl.select(category, limit, seed)] for category in categories}
+    ids = {category: [q.id for q in bfcl.subset(category, limit, seed)] for category in categories}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_case_ids_to_generate.json").write_text(json.dumps(ids, indent=1) + "\n")
     return ids

@@ -58,6 +58,33 @@ class EvalConfig:
             if category not in CATEGORIES:
                 raise ValueError(f"unsupported category {category!r}; choose from {', '.join(CATEGORIES)}")
 
+    def refine_iterations(self, mode: str) -> int | None:
+        """The max_refine_iterations a row in `mode` ran with (None for `none`)."""
+        return None if mode == RefineMode.NONE else self.max_refine_iterations
+
+    def request_fields(self, mode: str, tools: list[dict[str, Any]], *, history: bool = False) -> dict[str, Any]:
+        """What every request of a question carries besides its messages; `history`: ask for every round's answer."""
+        fields: dict[str, Any] = {"model": self.model, "tools": tools}
+        if self.temperature is not None:
+            fields["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            fields["max_tokens"] = self.max_tokens
+        if mode != RefineMode.NONE:  # servers without the extension get a plain request for `none`
+            extension = {"refine": mode, "max_refine_iterations": self.max_refine_iterations}
+            fields["extra_body"] = extension | ({"return_refinement_history": True} if history else {})
+        return fields
+
+    def row_head(self, mode: str, question: Any, label: str) -> dict[str, Any]:
+        """The fields that name a result row (`row_key` reads them)."""
+        return {
+            "model": self.model,
+            "label": label,
+            "mode": mode,
+            "max_refine_iterations": self.refine_iterations(mode),
+            "category": question.category,
+            "id": question.id,
+        }
+
 
 @dataclass
 class RunStats:
@@ -77,9 +104,9 @@ def questions_module(category: str) -> Any:
     return multi_turn if category in multi_turn.CATEGORIES else bfcl
 
 
-def select(category: str, limit: int | None, seed: int) -> list[Any]:
+def subset(category: str, limit: int | None, seed: int) -> list[Any]:
     """A category's fixed subset of questions."""
-    return questions_module(category).select(category, limit, seed)
+    return questions_module(category).subset(category, limit, seed)
 
 
 def rejection(exc: Any) -> str:
@@ -121,11 +148,10 @@ class Evaluator:
 
     def work(self) -> list[tuple[str, Any]]:
         c = self.config
-        return [(mode, q) for mode in c.modes for category in c.categories for q in select(category, c.limit, c.seed)]
+        return [(mode, q) for mode in c.modes for category in c.categories for q in subset(category, c.limit, c.seed)]
 
     def key(self, mode: str, question: bfcl.Question | multi_turn.Question) -> tuple:
-        iterations = None if mode == RefineMode.NONE else self.config.max_refine_iterations
-        return (self.config.model, mode, iterations, question.category, question.id)
+        return (self.config.model, mode, self.config.refine_iterations(mode), question.category, question.id)
 
     def ask(self, mode: str, question: bfcl.Question | multi_turn.Question) -> dict[str, Any]:
         """One question, one request; the row to write. A failed request that is not the question's fault raises
@@ -136,76 +162,60 @@ class Evaluator:
             return multi_turn.ask(self.client, self.config, mode, question, self.label)
         c = self.config
         tools = question.tools(c.underscore_names)
-        name_map = question.name_map(c.underscore_names)
-        kwargs: dict[str, Any] = {"model": c.model, "messages": question.messages, "tools": tools}
-        if c.temperature is not None:
-            kwargs["temperature"] = c.temperature
-        if c.max_tokens is not None:
-            kwargs["max_tokens"] = c.max_tokens
-        if mode != RefineMode.NONE:  # servers without the extension get a plain request for `none`
-            kwargs["extra_body"] = {
-                "refine": mode,
-                "max_refine_iterations": c.max_refine_iterations,
-                "return_refinement_history": True,
-            }
-        row: dict[str, Any] = {
-            "model": c.model,
-            "label": self.label,
-            "mode": mode,
-            "max_refine_iterations": None if mode == RefineMode.NONE else c.max_refine_iterations,
-            "category": question.category,
-            "id": question.id,
-        }
+        row = c.row_head(mode, question, self.label)
         started = time.monotonic()
         try:
-            response = self.client.chat.completions.create(**kwargs)
+            request = c.request_fields(mode, tools, history=True) | {"messages": question.messages}
+            response = self.client.chat.completions.create(**request)
         except openai.APIStatusError as exc:
-            error_type = rejection(exc)
             row.update(
                 request_id=None,
                 latency_s=round(time.monotonic() - started, 3),
                 raw=None,
                 calls=None,
                 valid=False,
-                error_type=error_type,
+                error_type=rejection(exc),
                 error=str(exc)[:500],
                 rounds=None,
                 stop_reason=None,
                 usage=None,
             )
             return row
-        latency = time.monotonic() - started
+        row["latency_s"] = round(time.monotonic() - started, 3)
+        return row | self._scored(mode, question, response)
+
+    def _scored(self, mode: str, question: bfcl.Question, response: Any) -> dict[str, Any]:
+        """An answer's row fields: what came back, its score, and with refinement each round's answer scored."""
+        name_map = question.name_map(self.config.underscore_names)
         message = response.choices[0].message
         tool_calls = [tc.model_dump() for tc in (message.tool_calls or [])]
         calls, decode_error = bfcl.calls_from_tool_calls(tool_calls, name_map)
         result = bfcl.score(question, calls, decode_error)
-        extra = response.model_extra or {}
-        refinement = extra.get("refinement") or {}
-        answers = refinement.get("answers")
+        refinement = (response.model_extra or {}).get("refinement") or {}
         usage = response.usage.model_dump() if response.usage else None
-        row.update(
-            request_id=response.id,
-            latency_s=round(latency, 3),
-            raw={
+        fields: dict[str, Any] = {
+            "request_id": response.id,
+            "raw": {
                 "content": message.content,
                 "tool_calls": [
                     {"name": tc["function"]["name"], "arguments": tc["function"]["arguments"]} for tc in tool_calls
                 ],
                 "finish_reason": response.choices[0].finish_reason,
             },
-            calls=calls,
-            valid=result.valid,
-            error_type=result.error_type,
-            error=result.error,
-            rounds=refinement.get("iterations", 0 if mode == RefineMode.NONE else None),
-            stop_reason=refinement.get("stop_reason"),
-            usage={k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")} if usage else None,
-        )
-        if answers:
-            sent = {t["function"]["name"] for t in tools}
-            per_round, majority = _history_scores(question, answers, sent, name_map)
-            row.update(history=answers, history_valid=per_round, history_majority_valid=majority)
-        return row
+            "calls": calls,
+            "valid": result.valid,
+            "error_type": result.error_type,
+            "error": result.error,
+            "rounds": refinement.get("iterations", 0 if mode == RefineMode.NONE else None),
+            "stop_reason": refinement.get("stop_reason"),
+            "usage": {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+            if usage
+            else None,
+        }
+        if answers := refinement.get("answers"):
+            per_round, majority = _history_scores(question, answers, set(name_map), name_map)
+            fields.update(history=answers, history_valid=per_round, history_majority_valid=majority)
+        return fields
 
     def run(self) -> RunStats:
         c = self.config
