@@ -177,20 +177,20 @@ def test_the_deadline_gives_504_and_frees_the_engine(server: RunningServer) -> N
     body = {**SLOW_REFINEMENT, "max_tokens": 400}
     assert_error(server.post("chat/completions", body), 504, code="request_timeout")
     assert 7 < time.monotonic() - started < 30
-    assert short_request_is_quick(server) < 10  # the long generation did not go on behind it
+    assert short_request_is_quick(server) < 30  # the ~70 s of rounds left did not go on ahead of it
     assert counter(server, "toolace_requests_cancelled", reason="timeout") >= 1
 
 
 def test_a_client_that_goes_away_stops_its_refinement(server: RunningServer) -> None:
     before = counter(server, "toolace_requests_cancelled", reason="client_disconnect")
-    body = {**SLOW_REFINEMENT, "max_tokens": 200}
+    body = {**SLOW_REFINEMENT, "max_tokens": 400}
     with pytest.raises(httpx.ReadTimeout):
-        server.post("chat/completions", body, timeout=2.0)  # ~2 s in: round 0 of 11 rounds of up to 200 tokens
-    deadline = time.monotonic() + 10
+        server.post("chat/completions", body, timeout=2.0)  # ~2 s in: round 0 of 11 rounds of up to 400 tokens
+    deadline = time.monotonic() + 60  # a wait for the event, which comes within a second when all is well
     while counter(server, "toolace_requests_cancelled", reason="client_disconnect") == before:
         assert time.monotonic() < deadline, "the disconnect was not noticed"
         time.sleep(0.2)
-    assert short_request_is_quick(server) < 10  # no further round is running
+    assert short_request_is_quick(server) < 30  # the ~70 s of rounds left are not running ahead of it
 
 
 def test_a_stream_past_its_deadline_ends_with_a_timeout_event(server: RunningServer) -> None:
@@ -200,20 +200,20 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event(server: RunningSer
     events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout", events[-3:]
     assert 7 < time.monotonic() - started < 30
-    assert short_request_is_quick(server) < 10
+    assert short_request_is_quick(server) < 30  # the ~70 s of rounds left did not go on ahead of it
 
 
 def test_a_stream_whose_client_goes_away_stops(server: RunningServer) -> None:
     before = counter(server, "toolace_requests_cancelled", reason="client_disconnect")
-    body = {**SLOW_REFINEMENT, "max_tokens": 200, "stream": True}
+    body = {**SLOW_REFINEMENT, "max_tokens": 400, "stream": True}
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, headers=server.headers, timeout=120) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # the role chunk: the request is running; then hang up
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a wait for the event, which comes within a second when all is well
     while counter(server, "toolace_requests_cancelled", reason="client_disconnect") == before:
         assert time.monotonic() < deadline, "the disconnect was not noticed"
         time.sleep(0.2)
-    assert short_request_is_quick(server) < 10  # no further round is running
+    assert short_request_is_quick(server) < 30  # the ~70 s of rounds left are not running ahead of it
 
 
 # ---- request ids and the access log ----

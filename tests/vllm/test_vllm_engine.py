@@ -198,13 +198,12 @@ def test_a_cancelled_request_is_aborted_in_the_engine(engine: VllmEngine) -> Non
         long.cancel()
         with pytest.raises(asyncio.CancelledError):
             await long
-        deadline = time.monotonic() + 5
+        # The event itself, not a time: vLLM holds no request. Not aborted, the long one would stay for minutes.
+        deadline = time.monotonic() + 60
         while engine.num_unfinished_requests():
             assert time.monotonic() < deadline, "the cancelled request is still in the engine"
             await asyncio.sleep(0.05)
-        start = time.perf_counter()
         assert (await engine.generate(HELLO, SamplingParams(max_tokens=4))).completion_tokens > 0
-        assert time.perf_counter() - start < 10
 
     asyncio.run(scenario())
 
@@ -254,7 +253,7 @@ def test_close_stops_every_engine_process(engine: VllmEngine) -> None:
             await running
 
     asyncio.run(close_while_running())
-    _, alive = psutil.wait_procs(spawned, timeout=15)
+    _, alive = psutil.wait_procs(spawned, timeout=60)
     assert not alive, [p.name() for p in alive]
     with pytest.raises(EngineError):
         asyncio.run(engine.generate(HELLO, SamplingParams(max_tokens=4)))
