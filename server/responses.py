@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 NON_TEXT_PARTS = ("input_image", "input_file", "input_audio")
 NO_STATE = "this server keeps no responses; send the whole conversation in `input`"
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the output text's logprobs
 
 
 # ---- the request ----
@@ -61,7 +62,8 @@ class InputItem(BaseModel):
     """One item of `input`: a message, a function call the model made, or a function call's output. One flat model,
     so a validation error names `input[i]` (a tagged union would put the tag into the path)."""
 
-    type: Literal["message", "function_call", "function_call_output"] = "message"
+    type: Literal["message", "function_call", "function_call_output", "item_reference"] = "message"
+    id: str | None = None  # an item_reference's (refused: nothing is stored)
     role: Literal["user", "system", "developer", "assistant"] | None = None
     content: list[ContentPart] | None = None
     call_id: str | None = None
@@ -77,6 +79,7 @@ class InputItem(BaseModel):
             "message": ("role", "content"),
             "function_call": ("call_id", "name", "arguments"),
             "function_call_output": ("call_id", "output"),
+            "item_reference": ("id",),
         }[self.type]
         missing = [name for name in needed if getattr(self, name) is None]
         if missing:
@@ -137,6 +140,10 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: TokenCount | None = None
     stream: bool = False
     text: TextConfig | None = None
+    # Output text logprobs come with include=["message.output_text.logprobs"] (other include values have nothing to
+    # add here) or top_logprobs.
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     store: bool | None = None  # accepted (OpenAI's default is true), never honoured: nothing is stored
     previous_response_id: str | None = None
     background: bool | None = None
@@ -201,6 +208,9 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         raise BadRequest(f"background responses need stored responses, and {NO_STATE}", param="background")
     if body.model_extra:
         log.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.model_extra)))
+    for i, item in enumerate(body.input):
+        if item.type == "item_reference":
+            raise BadRequest(f"item references need stored items, and {NO_STATE}", param=f"input[{i}]")
     messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + _messages(body.input)
     if not messages:
         raise BadRequest("`input` needs at least one item", param="input")
@@ -210,6 +220,8 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         chat["stream_options"] = {"include_usage": True}  # the final event carries the usage
     if body.max_output_tokens is not None:
         chat["max_tokens"] = body.max_output_tokens
+    if wants_logprobs(body):
+        chat |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
     if body.tools is not None:
         chat["tools"] = [
             {"type": "function", "function": tool.model_dump(exclude_none=True, exclude={"type"})}
@@ -227,6 +239,10 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         first = exc.errors()[0]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
         raise BadRequest(f"Invalid request: {first['msg']}", param=responses_param(where or None)) from exc
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    return LOGPROBS in (body.include or ()) or body.top_logprobs is not None
 
 
 def _response_format(fmt: TextFormat) -> dict[str, Any]:
@@ -259,14 +275,29 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    return part
+
+
+def _message_item(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "type": "message",
         "id": item_id,
         "status": status,
         "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else [],
+        "content": [_text_part(text, logprobs)] if status != "in_progress" else [],
     }
+
+
+def _text_logprobs(body: ResponsesRequest, choice: dict[str, Any], calls: bool) -> list[dict[str, Any]] | None:
+    """The output text's logprobs, in chat's per-token shape (the same as the Responses one), when asked for. An
+    answer with calls has none: its tokens are the calls' text as much as the message's."""
+    if not wants_logprobs(body):
+        return None
+    return [] if calls else list((choice.get("logprobs") or {}).get("content") or [])
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -332,6 +363,7 @@ def _response(
         "text": {"format": text.format.model_dump(by_alias=True, exclude_none=True)},
         "tool_choice": choice.model_dump() if isinstance(choice, FunctionChoice) else choice or "auto",
         "tools": [tool.model_dump() for tool in body.tools or []],
+        "top_logprobs": body.top_logprobs,
         "top_p": params.top_p,
         "truncation": "disabled",
         "user": body.user,
@@ -351,7 +383,8 @@ def from_chat(body: ResponsesRequest, params: SamplingParams, chat: ChatCompleti
     calls = message.get("tool_calls") or []
     output = []
     if message.get("content") or not calls:
-        output.append(_message_item(_new_id("msg"), message.get("content") or "", status))
+        logprobs = _text_logprobs(body, choice, bool(calls))
+        output.append(_message_item(_new_id("msg"), message.get("content") or "", status, logprobs))
     for call in calls:
         function = call["function"]
         output.append(_call_item(_new_id("fc"), call["id"], function["name"], function["arguments"], "completed"))
@@ -385,6 +418,8 @@ class _EventStream:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.refinement: dict[str, Any] | None = None
+        self.calls = False  # the answer has tool calls
+        self.finish_choice: dict[str, Any] = {}  # the last chunk's choice: finish reason and logprobs
 
     def event(self, type_: str, **fields: Any) -> bytes:
         data = {"type": type_, "sequence_number": self.sequence, **fields}
@@ -419,12 +454,13 @@ class _EventStream:
                 yield from self.text(delta["content"])
             for call in delta.get("tool_calls") or []:
                 if call.get("id"):
+                    self.calls = True
                     yield from self.close()
                     yield from self.open_call(call["id"], call["function"]["name"])
                 else:
                     yield from self.arguments(call["function"]["arguments"])
             if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+                self.finish_reason, self.finish_choice = choice["finish_reason"], choice
                 self.refinement = chunk.get("refinement")
                 yield from self.close()
 
@@ -467,11 +503,12 @@ class _EventStream:
             return
         where = {"item_id": item["id"], "output_index": len(self.output)}
         if item["type"] == "message":
-            text = item["text"]
-            yield self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
-            part = {"type": "output_text", "text": text, "annotations": []}
+            # chat sends the logprobs with the finish reason: a message closed before it (calls follow) has none
+            text, logprobs = item["text"], _text_logprobs(self.body, self.finish_choice, self.calls)
+            yield self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=logprobs or [])
+            part = _text_part(text, logprobs)
             yield self.event("response.content_part.done", **where, content_index=0, part=part)
-            done = _message_item(item["id"], text, _status(self.finish_reason))
+            done = _message_item(item["id"], text, _status(self.finish_reason), logprobs)
         else:
             yield self.event("response.function_call_arguments.done", **where, arguments=item["arguments"])
             done = _call_item(item["id"], item["call_id"], item["name"], item["arguments"], "completed")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.engine.base import Completion, Generation, SamplingParams
+from server.engine.base import Completion, Generation, SampledToken, SamplingParams
 
 Script = Callable[[list[dict[str, Any]], SamplingParams], list[str]]
 
@@ -15,7 +15,7 @@ Script = Callable[[list[dict[str, Any]], SamplingParams], list[str]]
 class ScriptedEngine:
     """An Engine whose answers come from `script(messages, params) -> list of texts` (one per sample). Every call
     is recorded as (messages, params, adapter); a prompt of more than `max_model_len` messages' worth of tokens is not
-    modelled: each prompt is one token, a handle back to its messages."""
+    modelled: each prompt is one token, a handle back to its messages. Each answer character is one token."""
 
     model_name = "scripted"
 
@@ -48,7 +48,16 @@ class ScriptedEngine:
         if on_text is not None:
             for i in range(0, len(texts[0]), self.piece):
                 on_text(texts[0][i : i + self.piece])
-        return Generation(1, tuple(Completion(t, tuple(range(len(t))), "stop") for t in texts))
+        return Generation(1, tuple(self._completion(t, params) for t in texts))
+
+    @staticmethod
+    def _completion(text: str, params: SamplingParams) -> Completion:
+        """One token per character; with logprobs, each character at -0.5 and `params.logprobs` alternatives."""
+        logprobs = None
+        if params.logprobs is not None:
+            top = tuple((f"alt{i}", -1.0 - i) for i in range(params.logprobs))
+            logprobs = tuple(SampledToken(ch, -0.5, top) for ch in text)
+        return Completion(text, tuple(range(len(text))), "stop", logprobs=logprobs)
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)

@@ -115,11 +115,15 @@ def test_a_string_input_is_one_user_message() -> None:
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"previous_response_id": "resp_1"}, "previous_response_id"), ({"background": True}, "background")],
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"background": True}, "background"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ],
 )
 def test_what_needs_stored_responses_is_refused(extra: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as caught:
-        to_chat_request(ResponsesRequest.model_validate({"model": "m", "input": "hi", **extra}))
+        to_chat_request(ResponsesRequest.model_validate({"model": "m", "input": "hi"} | extra))
     assert caught.value.param == param
     assert "keeps no responses" in caught.value.message
 
@@ -188,6 +192,28 @@ def test_plain_text_response(smol_server: RunningServer, client: openai.OpenAI) 
     )
     assert response.output_text == chat.choices[0].message.content
     assert chat.usage is not None and response.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_output_text_logprobs_match_chat_completions(smol_server: RunningServer, client: openai.OpenAI) -> None:
+    response = client.responses.create(
+        model=smol_server.model,
+        input=HELLO,
+        max_output_tokens=8,
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+    )
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs is not None and len(part.logprobs) > 0  # type: ignore[union-attr]
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in part.logprobs)  # type: ignore[union-attr]
+    chat = client.chat.completions.create(
+        model=smol_server.model,
+        messages=[{"role": "user", "content": HELLO}],
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert chat.choices[0].logprobs is not None and chat.choices[0].logprobs.content is not None
+    assert [t.token for t in part.logprobs] == [t.token for t in chat.choices[0].logprobs.content]  # type: ignore[union-attr]
 
 
 def test_instructions_are_a_system_message(smol_server: RunningServer, client: openai.OpenAI) -> None:

@@ -147,6 +147,45 @@ def test_the_responses_api_runs_the_same_loop() -> None:
     ]
 
 
+def response_events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line.removeprefix("data: ")) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_the_responses_api_returns_the_output_texts_logprobs_when_asked() -> None:
+    engine = ScriptedEngine(rounds("Hi!"))
+    body = {"input": "Say hi", "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    (part,) = call(engine, body, route="responses").json()["output"][0]["content"]
+    assert part["text"] == "Hi!" and [t["token"] for t in part["logprobs"]] == ["H", "i", "!"]
+    assert part["logprobs"][0] == {
+        "token": "H",
+        "logprob": -0.5,
+        "bytes": [72],
+        "top_logprobs": [{"token": "alt0", "logprob": -1.0, "bytes": list(b"alt0")}]
+        + [{"token": "alt1", "logprob": -2.0, "bytes": list(b"alt1")}],
+    }
+    assert engine.calls[0][1].logprobs == 2
+    streamed = response_events(call(engine, body | {"stream": True}, route="responses").text)
+    (done,) = [e for e in streamed if e["type"] == "response.output_text.done"]
+    assert done["logprobs"] == part["logprobs"]
+    assert streamed[-1]["response"]["output"][0]["content"][0]["logprobs"] == part["logprobs"]
+    plain = call(engine, {"input": "Say hi"}, route="responses").json()  # not asked: none, and none computed
+    assert "logprobs" not in plain["output"][0]["content"][0] and engine.calls[-1][1].logprobs is None
+    tool = {"type": "function", **WEATHER_TOOL["function"]}  # type: ignore[dict-item]
+    engine = ScriptedEngine(rounds(PARIS))
+    asked = call(
+        engine, {"input": "Weather?", "tools": [tool], "include": ["message.output_text.logprobs"]}, route="responses"
+    )
+    assert [item["type"] for item in asked.json()["output"]] == ["function_call"]  # calls: no output text
+
+
+def test_the_responses_api_refuses_item_references_as_it_stores_nothing() -> None:
+    engine = ScriptedEngine(rounds("unused"))
+    body = {"input": [{"role": "user", "content": "hi"}, {"type": "item_reference", "id": "msg_1"}]}
+    error = assert_error(call(engine, body, route="responses"), 400, "input[1]")
+    assert "keeps no responses" in error["message"] and not engine.calls
+    assert_error(call(engine, {"input": "hi", "top_logprobs": 21}, route="responses"), 400, "top_logprobs")
+
+
 def test_engine_errors_are_400s_naming_the_messages() -> None:
     def script(messages: list[dict[str, Any]], params: SamplingParams) -> list[str]:
         raise EngineError("prompt too long for this engine")
