@@ -146,7 +146,8 @@ class VllmEngine:
             self._stop_loop()
             raise
         lora = f"on (max rank {self.max_lora_rank}, {args.max_loras} per batch)" if args.enable_lora else "off"
-        details = f"max_model_len {llm.model_config.max_model_len}, prefix caching {args.enable_prefix_caching}"
+        prefix = "on" if args.enable_prefix_caching else "off"
+        details = f"max_model_len {llm.model_config.max_model_len}, prefix caching {prefix}"
         log.info("vLLM engine ready: %s, %s, LoRA %s", self.model_name, details, lora)
         return llm
 
