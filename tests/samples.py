@@ -13,3 +13,14 @@ WEATHER_TOOL = {
     },
 }
 HELLO = [{"role": "user", "content": "Say hello in three words."}]
+
+# A response_format schema: enums, an integer, a bounded string (so a greedy answer ends).
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer"},
+        "mood": {"enum": ["happy", "sad"]},
+    },
+    "required": ["name", "age", "mood"],
+}

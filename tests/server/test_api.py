@@ -14,7 +14,7 @@ import pytest
 from server.tool_choice import closed
 from server.toolcalls import canonical
 from tests.conftest import RunningServer, assert_error
-from tests.samples import HELLO, WEATHER_TOOL
+from tests.samples import HELLO, PERSON, WEATHER_TOOL
 
 
 @pytest.fixture(scope="module")
@@ -312,16 +312,6 @@ def test_curl_style_body_without_json_content_type(smol_server: RunningServer) -
 
 
 # ---- structured outputs: response_format ----
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer"},
-        "mood": {"enum": ["happy", "sad"]},
-    },
-    "required": ["name", "age", "mood"],
-}
 
 
 def test_json_object_is_json(smol_server: RunningServer, client: openai.OpenAI) -> None:
