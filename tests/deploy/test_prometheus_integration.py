@@ -98,7 +98,7 @@ def prometheus(smol_server: RunningServer, tmp_path_factory: pytest.TempPathFact
         yield prom
 
 
-def wait_for_target_up(prom: Prometheus, timeout: float = 20) -> None:
+def wait_for_target_up(prom: Prometheus, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     target = None
     while time.monotonic() < deadline:
@@ -118,13 +118,13 @@ def scraped_traffic(prometheus: Prometheus, smol_server: RunningServer, metrics_
     """
     wait_for_target_up(prometheus)
     present = "toolace_refine_iterations_count{job='toolace-r', mode='adaptive'}"
-    poll(prometheus, present, lambda result: bool(result), timeout=20)
+    poll(prometheus, present, lambda result: bool(result))
     adaptive_request(smol_server)
     poll(prometheus, DEPTH_P50, lambda result: bool(result) and math.isfinite(float(result[0]["value"][1])))
     return prometheus
 
 
-def poll(prom: Prometheus, promql: str, ok: Callable[[list[Any]], bool], timeout: float = 20) -> None:
+def poll(prom: Prometheus, promql: str, ok: Callable[[list[Any]], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         result = prom.query(promql)["result"]
