@@ -28,6 +28,8 @@ ToolChoiceMode = Literal["none", "auto", "required"]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TokenCount = Annotated[int, Field(ge=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+RefineIterations = Annotated[int, Field(ge=1, le=MAX_ITERATIONS_LIMIT)]
 
 
 def not_text(kind: str) -> str:
@@ -177,7 +179,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -187,7 +189,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     # ToolACE-R extensions
     refine: RefineMode | None = None
-    max_refine_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=1, le=MAX_ITERATIONS_LIMIT)
+    max_refine_iterations: RefineIterations = DEFAULT_MAX_ITERATIONS
     return_refinement_history: bool = False
     # false: no lazy tool-call grammar under tool_choice "auto" for this request; true: one even where the server
     # turned it off (--no-tool-grammar); unset: the server's choice.

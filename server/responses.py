@@ -23,13 +23,15 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     FunctionSpec,
+    RefineIterations,
     Temperature,
     TokenCount,
     ToolChoiceMode,
+    TopLogprobs,
     TopP,
     not_text,
 )
-from server.refine import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, RefineMode
+from server.refine import DEFAULT_MAX_ITERATIONS, RefineMode
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ class ResponsesRequest(BaseModel):
     # Output text logprobs come with include=["message.output_text.logprobs"] (other include values have nothing to
     # add here) or top_logprobs.
     include: list[str] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     store: bool | None = None  # accepted (OpenAI's default is true), never honoured: nothing is stored
     previous_response_id: str | None = None
     background: bool | None = None
@@ -151,7 +153,7 @@ class ResponsesRequest(BaseModel):
     user: str | None = None
     # ToolACE-R extensions, as on chat completions
     refine: RefineMode | None = None
-    max_refine_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=1, le=MAX_ITERATIONS_LIMIT)
+    max_refine_iterations: RefineIterations = DEFAULT_MAX_ITERATIONS
     return_refinement_history: bool = False
     tool_grammar: bool | None = None
 

@@ -17,9 +17,10 @@ from server import responses
 from server.adapters import AdapterError, AdapterRegistry
 from server.errors import APIError, NotFound, Unauthorized
 from server.metrics import CONTENT_TYPE
+from server.planning import Plan
 from server.protocol import ChatCompletionRequest, ChatCompletionResponse, LoadLoraAdapter, UnloadLoraAdapter
 from server.refine import RefineMode
-from server.serving import ChatService, Plan
+from server.serving import ChatService
 from server.streaming import sse
 
 log = logging.getLogger(__name__)

@@ -160,8 +160,10 @@ def test_the_responses_api_returns_the_output_texts_logprobs_when_asked() -> Non
         "token": "H",
         "logprob": -0.5,
         "bytes": [72],
-        "top_logprobs": [{"token": "alt0", "logprob": -1.0, "bytes": list(b"alt0")}]
-        + [{"token": "alt1", "logprob": -2.0, "bytes": list(b"alt1")}],
+        "top_logprobs": [
+            {"token": "alt0", "logprob": -1.0, "bytes": list(b"alt0")},
+            {"token": "alt1", "logprob": -2.0, "bytes": list(b"alt1")},
+        ],
     }
     assert engine.calls[0][1].logprobs == 2
     streamed = response_events(call(engine, body | {"stream": True}, route="responses").text)

@@ -179,6 +179,7 @@ class _Play:
     question: Question
     config: EvalConfig
     base: dict[str, Any]  # the request fields every request carries (model, tools, sampling, refinement)
+    name_map: dict[str, str]  # tool name as sent -> BFCL's name
     key: str  # the question's backends (BFCL keeps them by this key)
     messages: list[dict[str, Any]] = field(default_factory=list)
     turns: list[list[dict[str, Any]]] = field(default_factory=list)  # per turn, per request: what was said and ran
@@ -209,9 +210,7 @@ class _Play:
             steps.append(step)
             if not tool_calls:
                 return None  # a text answer ends the turn
-            calls, decode_error = bfcl.calls_from_tool_calls(
-                tool_calls, self.question.name_map(self.config.underscore_names)
-            )
+            calls, decode_error = bfcl.calls_from_tool_calls(tool_calls, self.name_map)
             if decode_error is not None:  # as BFCL's handlers: an answer that does not decode ends the turn
                 step["error"] = decode_error
                 return None
@@ -251,7 +250,7 @@ class _Play:
     def _run(self, calls: list[dict[str, Any]], tool_calls: list[dict[str, Any]], step: dict[str, Any]) -> list[str]:
         """Execute an answer's calls (offered ones only: the others get an error as their result); each result
         goes back as a `tool` message. Returns the calls that ran."""
-        offered = set(self.question.name_map(self.config.underscore_names).values())
+        offered = set(self.name_map.values())
         texts = [call_string(name, args) for call in calls for name, args in call.items()]
         refusals = [_refusal(name, args, offered) for call in calls for name, args in call.items()]
         runnable = [t for t, r in zip(texts, refusals, strict=True) if r is None]
@@ -270,7 +269,8 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
     question's fault (a conversation past the context length) ends it as an invalid row.
     """
     played = question.turns[: config.max_turns] if config.max_turns else question.turns
-    play = _Play(question, config, config.request_fields(mode, question.tools(config.underscore_names)), _backend_key())
+    fields = config.request_fields(mode, question.tools(config.underscore_names))
+    play = _Play(question, config, fields, question.name_map(config.underscore_names), _backend_key())
     started = time.monotonic()
     try:
         failure = None
