@@ -53,6 +53,10 @@ _RESUMABLE_CHANGES = {
     # Gradient accumulation sums the same per-token losses whatever the micro batch: lowering it after an
     # out-of-memory kill changes memory, not the result (up to float summation order).
     "sft.micro_batch_size",
+    # The same computation at the precision this machine runs fastest (bfloat16 only where the CPU has it natively):
+    # sessions land on different CPUs, and samples or steps already made stay valid.
+    "model.generate_dtype",
+    "sft.mixed_precision",
 }
 
 

@@ -11,20 +11,23 @@ GPUs take bfloat16.
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 
 DTYPES = ("auto", "bfloat16", "float32")
-_NATIVE_BF16 = re.compile(r"\b(avx512_bf16|amx_bf16|bf16)\b")
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them in /proc/cpuinfo (empty elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return bool(_NATIVE_BF16.search(flags))
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith(("flags", "Features")) for word in line.split())
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def resolve_dtype(dtype: str) -> str:

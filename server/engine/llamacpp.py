@@ -63,6 +63,7 @@ from server.engine.base import (
     model_configs,
     seed_for,
 )
+from server.engine.dtypes import cpu_flags
 from server.engine.llamacpp_build import server_binary, source_dir
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ def server_args(max_model_len: int, slots: int, threads: int | None = None) -> l
         # Lookup on the last 4 tokens, not llama.cpp's 12: drafting starts 8 tokens sooner in a short tool call
         # (a 47-token repeat: 45 of 48 draft tokens accepted and 39 tok/s, against 40 of 48 and 23-29 tok/s).
         "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
+        # On an AMX CPU (a Sapphire Rapids VM here) this build's AMX matmul for the repacked Q4_K weights segfaults
+        # at the first batch; without repacking the AVX-512 kernels run instead.
+        *(["--no-repack"] if "amx_int8" in cpu_flags() else []),
     ]  # fmt: skip
 
 
