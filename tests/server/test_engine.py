@@ -6,7 +6,7 @@ import asyncio
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,9 @@ ENDLESS = SamplingParams(max_tokens=400, json_schema={"type": "array", "items": 
 
 
 def test_cancelled_request_frees_the_engine(engine: TransformersEngine) -> None:
-    """Seen in the forward passes, not in seconds: after the cancel (and the step then in flight), the quick request
-    decodes alone; a cancelled row still in the batch would make every pass two rows wide."""
+    """Seen in the forward passes, not in seconds: once the cancel has reached the engine, the cancelled row takes
+    part in one more pass at most (the worker checks the flag as it takes in that pass's token, and the quick request
+    may have joined the batch by then); a cancelled row kept in the batch would make every pass two rows wide."""
 
     async def scenario() -> tuple[list[tuple[int, int]], int, str]:
         started = asyncio.Event()
@@ -101,12 +102,17 @@ def test_cancelled_request_frees_the_engine(engine: TransformersEngine) -> None:
             long = asyncio.create_task(engine.generate(HELLO, ENDLESS, on_text=lambda _: started.set()))
             await started.wait()
             long.cancel()
+            # Only once the cancel has reached generate() is the job flagged: the quick request sent before that
+            # could join a batch that still decodes the long row.
+            with suppress(asyncio.CancelledError):
+                await long
             at_cancel = len(passes)
             quick = await engine.generate(HELLO, SamplingParams(max_tokens=4))
             return passes, at_cancel, quick.text
 
     passes, at_cancel, quick = asyncio.run(scenario())
-    assert quick and [rows for _, rows in passes[at_cancel + 1 :]] == [1] * (len(passes) - at_cancel - 1), passes
+    extra_rows = sum(rows - 1 for _, rows in passes[at_cancel:])  # the quick request is alone but for these
+    assert quick and len(passes) > at_cancel + 1 and extra_rows <= 1, passes
 
 
 # An answer that cannot end early: the schema holds back the end of the array for 40 numbers (80+ tokens).
