@@ -183,6 +183,7 @@ def test_the_deadline_gives_504_and_frees_the_engine(server: RunningServer) -> N
 
 def test_a_client_that_goes_away_stops_its_refinement(server: RunningServer) -> None:
     before = counter(server, "toolace_requests_cancelled", reason="client_disconnect")
+    timeouts = counter(server, "toolace_requests_cancelled", reason="timeout")
     body = {**SLOW_REFINEMENT, "max_tokens": 400}
     with pytest.raises(httpx.ReadTimeout):
         server.post("chat/completions", body, timeout=2.0)  # ~2 s in: round 0 of 11 rounds of up to 400 tokens
@@ -191,6 +192,9 @@ def test_a_client_that_goes_away_stops_its_refinement(server: RunningServer) -> 
         assert time.monotonic() < deadline, "the disconnect was not noticed"
         time.sleep(0.2)
     assert short_request_is_quick(server) < 30  # the ~70 s of rounds left are not running ahead of it
+    # The 8 s deadline would cut a generation left running after the hang-up before the quick request got the one
+    # slot, so the quick request alone cannot tell; such a generation ends as a timeout, counted by then.
+    assert counter(server, "toolace_requests_cancelled", reason="timeout") == timeouts
 
 
 def test_a_stream_past_its_deadline_ends_with_a_timeout_event(server: RunningServer) -> None:
@@ -205,6 +209,7 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event(server: RunningSer
 
 def test_a_stream_whose_client_goes_away_stops(server: RunningServer) -> None:
     before = counter(server, "toolace_requests_cancelled", reason="client_disconnect")
+    timeouts = counter(server, "toolace_requests_cancelled", reason="timeout")
     body = {**SLOW_REFINEMENT, "max_tokens": 400, "stream": True}
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, headers=server.headers, timeout=120) as r:
         assert r.status_code == 200
@@ -214,6 +219,9 @@ def test_a_stream_whose_client_goes_away_stops(server: RunningServer) -> None:
         assert time.monotonic() < deadline, "the disconnect was not noticed"
         time.sleep(0.2)
     assert short_request_is_quick(server) < 30  # the ~70 s of rounds left are not running ahead of it
+    # The 8 s deadline would cut a generation left running after the hang-up before the quick request got the one
+    # slot, so the quick request alone cannot tell; such a generation ends as a timeout, counted by then.
+    assert counter(server, "toolace_requests_cancelled", reason="timeout") == timeouts
 
 
 # ---- request ids and the access log ----
