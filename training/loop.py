@@ -208,13 +208,14 @@ class Run:
         self.base_dir = model_store.resolve(cfg.model.base, progress=self.progress)
         tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         data = load_data(cfg, tokenizer)
+        followups = self.state.get("data", {}).get("followups")  # counted once, when they were made
         self.state["data"] = {
             "train_pool": len(data.train),
             "heldout": len(data.heldout),
             "dropped_too_long": data.dropped_too_long,
             "train_per_source": data.per_source,
             "heldout_ids_sha256": hashlib.sha256("\n".join(s.id for s in data.heldout).encode()).hexdigest(),
-        }
+        } | ({"followups": followups} if followups else {})
         log.info(
             "data: %d to select from, %d held out, %d dropped (prompt too long)",
             len(data.train),

@@ -23,7 +23,8 @@ def cpu_flags() -> frozenset[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
-    return frozenset(word for line in text.splitlines() if line.startswith(("flags", "Features")) for word in line.split())
+    lines = (line for line in text.splitlines() if line.startswith(("flags", "Features")))
+    return frozenset(word for line in lines for word in line.split())
 
 
 def cpu_has_native_bf16() -> bool:

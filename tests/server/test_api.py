@@ -72,12 +72,21 @@ def test_stop_sequence_cuts_the_answer(smol_server: RunningServer, client: opena
 
 
 def test_adaptive_refinement_through_extra_body(smol_server: RunningServer, client: openai.OpenAI) -> None:
-    # SmolLM2 rewrites its first answer to this one, then repeats the rewrite: a loop that stops after round 1 whatever
-    # the answers, and one that never sees two rounds agree, both show.
-    question = [{"role": "user", "content": "Is it raining in Berlin?"}]
+    # SmolLM2 rewrites its first answer to the Berlin question, then repeats the rewrite (seen on an AMX CPU); a loop
+    # that stops after round 1 whatever the answers, and one that never sees two rounds agree, both show on such a
+    # question. A second question keeps one at hand should other CPU kernels round the first one differently.
+    changed = []
+    for content in ("Is it raining in Berlin?", "Will it snow in Oslo tomorrow?"):
+        answers = _adaptive_round_trip(client, smol_server.model, content)
+        changed.append(canonical(answers[1]) != canonical(answers[0]))
+    assert any(changed), "no question had round 1 rewrite round 0: this test cannot see a loop that always stops"
+
+
+def _adaptive_round_trip(client: openai.OpenAI, model: str, content: str) -> list[str]:
+    """One adaptive request checked against Algorithm 1 (stop at the first two equal rounds, else at the cap)."""
     kwargs: dict[str, Any] = {
-        "model": smol_server.model,
-        "messages": question,
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
         "tools": [WEATHER_TOOL],
         "max_tokens": 24,
     }
@@ -88,10 +97,9 @@ def test_adaptive_refinement_through_extra_body(smol_server: RunningServer, clie
     info = refined.model_extra["refinement"]
     assert info["mode"] == "adaptive"
     assert 1 <= info["iterations"] <= 3
-    answers = info["answers"]
+    answers: list[str] = info["answers"]
     assert len(answers) == info["iterations"] + 1
     assert answers[0] == plain.choices[0].message.content  # round 0 is the unrefined greedy answer
-    assert canonical(answers[1]) != canonical(answers[0]), answers  # what makes this question tell (see above)
     same = [canonical(a) == canonical(b) for a, b in zip(answers, answers[1:], strict=False)]
     if info["stop_reason"] == "converged":  # the last two rounds gave the same calls (or the same text), none before
         assert same[-1] and not any(same[:-1]), answers
@@ -101,6 +109,7 @@ def test_adaptive_refinement_through_extra_body(smol_server: RunningServer, clie
     assert refined.usage is not None and plain.usage is not None
     assert refined.usage.prompt_tokens > (info["iterations"] + 1) * plain.usage.prompt_tokens
     assert refined.usage.completion_tokens >= plain.usage.completion_tokens
+    return answers
 
 
 def test_refine_as_query_parameter(smol_server: RunningServer) -> None:
