@@ -86,8 +86,17 @@ def _calls_or_nothing(text: str) -> tuple[ToolCall, ...]:
 
 
 def _parse_json_calls(body: str) -> tuple[ToolCall, ...]:
-    obj = json.loads(body)
-    return tuple(_hermes_call(item) for item in obj) if isinstance(obj, list) else (_hermes_call(obj),)
+    """One JSON call object, a list of them, or several objects one after another separated by whitespace (how a
+    model writes parallel calls when the tags around each `<tool_call>` block are lost: special tokens are not text)."""
+    if body.startswith("["):
+        items = json.loads(body)
+        return tuple(_hermes_call(item) for item in items) if isinstance(items, list) else (_hermes_call(items),)
+    calls, pos = [], 0
+    while pos < len(body):
+        obj, end = _JSON_DECODER.raw_decode(body, pos)  # ValueError on anything but a JSON value here
+        calls.append(_hermes_call(obj))
+        pos = _skip_ws(body, end)
+    return tuple(calls)
 
 
 def _skip_ws(text: str, pos: int) -> int:

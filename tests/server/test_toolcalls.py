@@ -333,6 +333,18 @@ def test_json_call_objects_plain_and_fenced() -> None:
     )
 
 
+def test_json_call_objects_one_after_another() -> None:
+    """Parallel calls in the native format with the `<tool_call>` tags gone (special tokens are not text): what run
+    4's adapter writes on the embedded model, whose output rows for the tags are degenerate (RESULTS.md)."""
+    text = '\n{"name": "f", "arguments": {"n": 5}}\n\n\n{"name": "f", "arguments": {"n": 7}}\n'
+    assert parse_answer(text) == ParsedAnswer(
+        content=None, tool_calls=(ToolCall("f", {"n": 5}), ToolCall("f", {"n": 7}))
+    )
+    # anything but whitespace between or after them keeps the whole answer text
+    for text in ('{"name": "f"} {"a": 1}', '{"name": "f"}; {"name": "g"}', '{"name": "f"} done'):
+        assert parse_answer(text) == ParsedAnswer(content=text, tool_calls=())
+
+
 def test_one_call_per_line() -> None:
     assert parse_answer('f(a=1)\ng(b="x")').tool_calls == (ToolCall("f", {"a": 1}), ToolCall("g", {"b": "x"}))
 
