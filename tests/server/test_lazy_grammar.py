@@ -256,7 +256,9 @@ def test_native_format_with_the_tokenizers_own_tool_call_tokens(qwen_tokenizer: 
 
 # ---- accepted texts round-trip through the parser ----
 
-TEXT = st.text(max_size=12)
+# Without DEL (U+007F): JSON allows it raw and json.dumps leaves it so, but llguidance's JSON strings exclude it, so a
+# model under the grammar writes no argument holding it (a limit of the grammar engine, seen by hypothesis).
+TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x7f"), max_size=12)
 WEATHER_ARGUMENTS = st.fixed_dictionaries(
     {"city": TEXT},
     optional={
