@@ -88,9 +88,8 @@ def _calls_or_nothing(text: str) -> tuple[ToolCall, ...]:
 def _parse_json_calls(body: str) -> tuple[ToolCall, ...]:
     """One JSON call object, a list of them, or several objects one after another separated by whitespace (how a
     model writes parallel calls when the tags around each `<tool_call>` block are lost: special tokens are not text)."""
-    if body.startswith("["):
-        items = json.loads(body)
-        return tuple(_hermes_call(item) for item in items) if isinstance(items, list) else (_hermes_call(items),)
+    if body.startswith("["):  # a JSON text that starts with "[" is a list (or raises)
+        return tuple(_hermes_call(item) for item in json.loads(body))
     calls, pos = [], 0
     while pos < len(body):
         obj, end = _JSON_DECODER.raw_decode(body, pos)  # ValueError on anything but a JSON value here
