@@ -247,6 +247,13 @@ def render_hermes(calls: Sequence[ToolCall]) -> str:
     )
 
 
+def render_fenced_json(calls: Sequence[ToolCall]) -> str:
+    """Calls as JSON objects in one fenced block, one object after another: how Qwen2.5-Coder writes a call in its
+    native format when left to itself (it never writes the `<tool_call>` tags), and what `parse_answer` reads back."""
+    objects = (json.dumps({"name": c.name, "arguments": c.arguments}, indent=2, ensure_ascii=False) for c in calls)
+    return "```json\n" + "\n".join(objects) + "\n```"
+
+
 def _canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 

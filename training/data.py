@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from server.prompts import Prompt, PromptFormat, build_prompt
-from server.toolcalls import ToolCall, parse_answer, render_hermes, render_pythonic
+from server.toolcalls import ToolCall, parse_answer, render_fenced_json, render_hermes, render_pythonic
 
 # BFCL categories the project evaluates on (training/evaluation/): never train on them. `chatable` repeats
 # simple_python. The live categories share almost nothing with these (RESOURCES.md).
@@ -106,9 +106,14 @@ class Sample:
 
 
 def render_calls(calls: Sequence[ToolCall], fmt: PromptFormat = PromptFormat.PYTHONIC) -> str:
-    """Calls as the model writes them: `<tool_call>` blocks as Qwen's template renders them (native), or `[f(a=1)]`."""
+    """Calls as the model is trained to write them: `[f(a=1)]` (pythonic), or JSON objects in a fenced block (native).
+
+    Native targets leave out Qwen's `<tool_call>` tags: in the embedded model's output matrix the rows of
+    `<tool_call>` and `</tool_call>` are one vector, close to `<|im_start|>`'s, and an adapter trained on them wrote
+    `<|im_start|>` instead (RESULTS.md, "The tag tokens"). The fenced JSON object is what the base model writes by
+    itself, so the adapter learns which call to make, not a new way to write it; the server parses both."""
     if fmt is PromptFormat.NATIVE:
-        return render_hermes(calls)
+        return render_fenced_json(calls)
     try:
         return render_pythonic(calls)
     except ValueError:  # a name Python cannot spell: the server renders (and parses) the hermes form then

@@ -99,7 +99,7 @@ async def build_refine_examples(
             refined = await sample_answers(engine, refine_prompt(sample, first, fmt), params, adapter)
             kept = any(answer_matches(a, sample.ground_truth, config.max_differing_values) for a in refined)
             fixes.append({"first": first, "kept": kept, "answers": refined})
-        return {"stop": right[0] if right else None, "fixes": fixes, "target": sample.target(fmt)}
+        return {"stop": right[0] if right else None, "fixes": fixes}
 
     records = await map_resumable(
         selected,
@@ -128,7 +128,7 @@ def refine_examples(
         for index, fix in enumerate(record["fixes"]):
             if fix["kept"]:
                 context = refine_prompt(sample, fix["first"], fmt)
-                examples.append(Example.of(f"{sid}#fix{index}", context, record["target"], "refine_fix"))
+                examples.append(Example.of(f"{sid}#fix{index}", context, sample.target(fmt), "refine_fix"))
     return examples
 
 

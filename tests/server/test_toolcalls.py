@@ -13,6 +13,7 @@ from server.toolcalls import (
     from_openai,
     new_call_id,
     parse_answer,
+    render_fenced_json,
     render_hermes,
     render_pythonic,
     to_openai,
@@ -48,6 +49,19 @@ def test_pythonic_round_trip(calls: list[ToolCall]) -> None:
 @given(call_lists)
 def test_hermes_round_trip(calls: list[ToolCall]) -> None:
     assert parse_answer(render_hermes(calls)).tool_calls == tuple(calls)
+
+
+@settings(max_examples=150, deadline=None)
+@given(call_lists)
+def test_fenced_json_round_trip(calls: list[ToolCall]) -> None:
+    parsed = parse_answer(render_fenced_json(calls))
+    assert parsed.tool_calls == tuple(calls)
+    assert parsed.content is None
+
+
+def test_render_fenced_json_format() -> None:
+    text = render_fenced_json([call("f", a="é"), call("g")])
+    assert text == '```json\n{\n  "name": "f",\n  "arguments": {\n    "a": "é"\n  }\n}\n{\n  "name": "g",\n  "arguments": {}\n}\n```'
 
 
 @settings(max_examples=100, deadline=None)
