@@ -61,7 +61,10 @@ def test_fenced_json_round_trip(calls: list[ToolCall]) -> None:
 
 def test_render_fenced_json_format() -> None:
     text = render_fenced_json([call("f", a="é"), call("g")])
-    assert text == '```json\n{\n  "name": "f",\n  "arguments": {\n    "a": "é"\n  }\n}\n{\n  "name": "g",\n  "arguments": {}\n}\n```'
+    assert text == (
+        '```json\n{\n  "name": "f",\n  "arguments": {\n    "a": "é"\n  }\n}\n'
+        '{\n  "name": "g",\n  "arguments": {}\n}\n```'
+    )
 
 
 @settings(max_examples=100, deadline=None)
