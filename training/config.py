@@ -110,7 +110,8 @@ class TrainConfig:
     run_dir: str | None = None  # state, data and checkpoints; default $TOOLACE_R_HOME/runs/<name>
     output_dtype: str = "bfloat16"  # of the published adapter weights (training keeps fp32 masters)
     # The prompt the adapter is trained on, and so served with (its manifest says which): `pythonic` (the paper's
-    # system prompt, `[f(a=1)]`) or `native` (the model's own chat template with `tools`, `<tool_call>` blocks).
+    # system prompt, `[f(a=1)]`) or `native` (the model's own chat template with `tools`; targets as fenced JSON call
+    # objects, `training.data.render_calls`).
     prompt_format: str = "pythonic"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
