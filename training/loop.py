@@ -300,6 +300,8 @@ class Run:
         if done_file.exists():
             it["train"] = json.loads(done_file.read_text())
         else:
+            # held-out answers of an adapter this iteration trained before (a redone iteration) are not this one's
+            (work / "heldout.jsonl").unlink(missing_ok=True)
             it["train"] = _train(self, examples, work, init, t).to_json()
             if self.dist.is_main_process:
                 done_file.write_text(json.dumps(it["train"]) + "\n")
