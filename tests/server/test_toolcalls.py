@@ -1,6 +1,7 @@
 import json
 import keyword
 import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -38,9 +39,10 @@ def call(name: str, **arguments: object) -> ToolCall:
 
 
 @settings(max_examples=150, deadline=None)
-@given(call_lists)
-def test_pythonic_round_trip(calls: list[ToolCall]) -> None:
-    parsed = parse_answer(render_pythonic(calls))
+@pytest.mark.parametrize("render", [render_pythonic, render_fenced_json])
+@given(calls=call_lists)
+def test_round_trip_without_content(render: Callable[[list[ToolCall]], str], calls: list[ToolCall]) -> None:
+    parsed = parse_answer(render(calls))
     assert parsed.tool_calls == tuple(calls)
     assert parsed.content is None
 
@@ -49,14 +51,6 @@ def test_pythonic_round_trip(calls: list[ToolCall]) -> None:
 @given(call_lists)
 def test_hermes_round_trip(calls: list[ToolCall]) -> None:
     assert parse_answer(render_hermes(calls)).tool_calls == tuple(calls)
-
-
-@settings(max_examples=150, deadline=None)
-@given(call_lists)
-def test_fenced_json_round_trip(calls: list[ToolCall]) -> None:
-    parsed = parse_answer(render_fenced_json(calls))
-    assert parsed.tool_calls == tuple(calls)
-    assert parsed.content is None
 
 
 def test_render_fenced_json_format() -> None:
