@@ -376,7 +376,8 @@ class Run:
                     progress=self.progress,
                 )
             )
-            summary |= refine_counts(read_records(work / "refine.jsonl"))
+            records = read_records(work / "refine.jsonl")  # may hold samples a changed pool no longer has
+            summary |= refine_counts({s.id: records[s.id] for s in chosen})
         tmp = work / "examples.jsonl.tmp"
         with tmp.open("w") as sink:
             for example in examples:

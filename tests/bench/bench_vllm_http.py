@@ -5,7 +5,9 @@ caching, LoRA slots as the vLLM backend's defaults). Each gets the first N BFCL 
 `refine=none`, from `--concurrency` clients at a time:
 - ours through the tool path: `tools` in the request, our system prompt, the answer parsed into tool calls;
 - vLLM's with the very same prompt pre-rendered (our system prompt as a system message, no `tools`), so both
-  engines see identical token ids (checked: prompt_tokens must match request by request).
+  engines see identical token ids: vLLM's server returns the ids it ran (`return_token_ids`), compared request by
+  request with the ids our server's own rendering gives (`build_prompt` + `encode_chat`, and its `prompt_tokens`);
+  the script reports no ratio when any differ.
 Rounds run in ABBA order, so that drifting background load weighs on both alike. Reported: completion tokens per
 second over each server's rounds, and their ratio (ours / vLLM; the goal is >= 0.95).
 
@@ -32,8 +34,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from server import model_store  # noqa: E402
+from server.engine.base import encode_chat  # noqa: E402
 from server.engine.vllm import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS  # noqa: E402
-from server.prompts import system_prompt  # noqa: E402
+from server.prompts import build_prompt, system_prompt  # noqa: E402
 from tests.bench.bfcl_tools import load  # noqa: E402
 from tests.conftest import API_KEY, REPO, RunningServer, _free_port, start_server, stopped_after  # noqa: E402
 
@@ -90,7 +93,30 @@ def bodies(questions: list[dict[str, Any]], model: str, max_tokens: int, ours: b
             out.append({**common, "messages": q["messages"], "tools": q["tools"], "refine": "none"})
         else:
             system = system_prompt([t["function"] for t in q["tools"]])
-            out.append({**common, "messages": [{"role": "system", "content": system}, *q["messages"]]})
+            messages = [{"role": "system", "content": system}, *q["messages"]]
+            out.append({**common, "messages": messages, "return_token_ids": True})
+    return out
+
+
+def our_prompt_ids(questions: list[dict[str, Any]], model_dir: Path) -> list[list[int]]:
+    """The prompt token ids our server gives each question: its own rendering, the functions it calls."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [build_prompt(q["messages"], q["tools"]) for q in questions]
+    return [encode_chat(tokenizer, p.messages, p.tools) for p in prompts]
+
+
+def prompt_mismatches(ours: list[list[int]], rounds: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Requests whose prompt differs between the two servers (ids from vLLM's, counts from ours)."""
+    out = []
+    expected_by_server: dict[str, list[Any]] = {"ours": [len(ids) for ids in ours], "vllm": list(ours)}
+    for name, expected in expected_by_server.items():
+        key = "prompt_tokens" if name == "ours" else "prompt_token_ids"
+        for r, result in enumerate(rounds[name]):
+            for i, (got, want) in enumerate(zip((x[key] for x in result["results"]), expected, strict=True)):
+                if got != want:
+                    out.append(f"{name} round {r} question {i}: {key} differ")
     return out
 
 
@@ -116,6 +142,7 @@ async def run_round(
                 completion -= 1  # count alike: tokens of the answer only
             results[index] = {"latency": time.perf_counter() - start, "prompt_tokens": usage["prompt_tokens"]}
             results[index]["completion_tokens"] = completion
+            results[index]["prompt_token_ids"] = data.get("prompt_token_ids")
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(headers=server.headers, timeout=1800, limits=limits) as http:
@@ -172,14 +199,12 @@ def main() -> int:
                 result = asyncio.run(run_round(servers[name], requests[name], args.concurrency, name == "vllm"))
                 rounds[name].append(result)
                 print(f"{name}: {result['wall']:.1f} s", file=sys.stderr, flush=True)
-    for ours_round, vllm_round in zip(rounds["ours"], rounds["vllm"], strict=True):
-        pairs = zip(ours_round["results"], vllm_round["results"], strict=True)
-        mismatched = [
-            (a["prompt_tokens"], b["prompt_tokens"]) for a, b in pairs if a["prompt_tokens"] != b["prompt_tokens"]
-        ]
-        if mismatched:
-            print(f"warning: {len(mismatched)} prompts differ in length: {mismatched[:5]}", file=sys.stderr)
-    report = {name: summarize(r) for name, r in rounds.items()}
+    mismatched = prompt_mismatches(our_prompt_ids(questions, model_dir), rounds)
+    if mismatched:
+        print(f"no ratio: the servers ran different prompts ({len(mismatched)}): {mismatched[:5]}", file=sys.stderr)
+        return 1
+    report: dict[str, Any] = {name: summarize(r) for name, r in rounds.items()}
+    report["prompts_compared"] = f"{len(questions)} x {args.rounds} rounds, token ids identical"
     report["ratio_ours_over_vllm"] = round(
         report["ours"]["completion_tok_per_s"] / report["vllm"]["completion_tok_per_s"], 3
     )
