@@ -1,6 +1,7 @@
 """Self-refine training data: `[system, user, A1, refine prompt, A]`, where A1 is the model's own answer.
 
-- A1 right (exactly; A = A1): the sample teaches when to stop refining; A1 is kept verbatim as the target.
+- A1 right (exactly; A = A1): the sample teaches when to stop refining; A1 is kept verbatim as the target (for a
+  sample with nothing to call, its own target: the model's non-call answers include garbled calls written as text).
 - A1 wrong: the model samples k refinements of it (one n=k call); the example is kept only when one of them ≈ the
   ground truth (the correction is within the model's reach), with the ground truth as the target.
 A1 comes from the answers sampled in selection (every distinct wrong one is a candidate), so the data follows the
@@ -122,9 +123,10 @@ def refine_examples(
     for sid, record in records.items():
         sample = by_id[sid]
         if record["stop"] is not None:
-            examples.append(
-                Example.of(f"{sid}#keep", refine_prompt(sample, record["stop"], fmt), record["stop"], "refine_stop")
-            )
+            # A sample with nothing to call "matches" any answer without a readable call, a garbled one included:
+            # its keep example shows and teaches its own target (the decline, or the answer in words), not that text.
+            kept = record["stop"] if sample.ground_truth else sample.target(fmt)
+            examples.append(Example.of(f"{sid}#keep", refine_prompt(sample, kept, fmt), kept, "refine_stop"))
         for index, fix in enumerate(record["fixes"]):
             if fix["kept"]:
                 context = refine_prompt(sample, fix["first"], fmt)

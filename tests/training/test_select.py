@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
-from server.prompts import REFINE_PROMPT
+from server.prompts import REFINE_PROMPT, PromptFormat
 from training.config import RefineConfig, SelectionConfig
-from training.refine_data import build_refine_examples, refine_counts
+from training.data import NO_CALL_ANSWER
+from training.refine_data import build_refine_examples, refine_counts, refine_examples
 from training.resumable import read_records
 from training.select import select
 
@@ -87,3 +89,16 @@ def test_refine_examples_keep_right_answers_and_try_every_distinct_wrong_one(
     )
     assert {e.id for e in capped} == {"stop#keep", "fix#keep", "wrong-only#fix0"}
     assert sorted(messages[-2]["content"] for messages, _, _ in engine.calls) == sorted([WRONG, CLOSE])
+
+
+def test_a_declining_sample_keeps_its_own_target_not_the_models_text(scripted, make_sample) -> None:  # noqa: ANN001
+    """Any answer without a readable call "matches" a sample with nothing to call, a garbled call written as text
+    too (what the base model wrote for most live_irrelevance questions); a keep example built from that text would
+    teach the model to write it."""
+    garbled = '```json\n{"name": "cat joke", "arguments": [{"topic": "cats"'
+    sample = dataclasses.replace(make_sample("none"), ground_truth=())
+    records = {"none": {"stop": garbled, "fixes": [{"first": RIGHT, "kept": True, "answers": []}]}}
+    for fmt in PromptFormat:
+        keep, fix = refine_examples([sample], records, fmt)
+        assert keep.target == NO_CALL_ANSWER and keep.messages[-2]["content"] == NO_CALL_ANSWER
+        assert fix.target == NO_CALL_ANSWER and fix.messages[-2]["content"] == RIGHT
