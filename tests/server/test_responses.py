@@ -220,7 +220,10 @@ def test_instructions_are_a_system_message(smol_server: RunningServer, client: o
     pirate = "You are a pirate."
     instructed = client.responses.create(model=smol_server.model, input=HELLO, instructions=pirate, max_output_tokens=4)
     messages: Any = [{"role": "system", "content": pirate}, {"role": "user", "content": HELLO}]
-    chat = client.chat.completions.create(model=smol_server.model, messages=messages, max_tokens=4)
+    # Its own cache salt: both prompts computed from scratch. Reusing the first one's cached prefix is not bit-exact in
+    # bfloat16 and changed the greedy answer on one CPU (AVX-512 BF16 without AMX).
+    fresh = {"cache_salt": "instructions"}
+    chat = client.chat.completions.create(model=smol_server.model, messages=messages, max_tokens=4, extra_body=fresh)
     plain = client.responses.create(model=smol_server.model, input=HELLO, max_output_tokens=4)
     assert instructed.instructions == pirate
     assert instructed.usage is not None and chat.usage is not None and plain.usage is not None
