@@ -110,13 +110,10 @@ def our_prompt_ids(questions: list[dict[str, Any]], model_dir: Path) -> list[lis
 def prompt_mismatches(ours: list[list[int]], rounds: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Requests whose prompt differs between the two servers (ids from vLLM's, counts from ours)."""
     out = []
-    expected_by_server: dict[str, list[Any]] = {"ours": [len(ids) for ids in ours], "vllm": list(ours)}
-    for name, expected in expected_by_server.items():
-        key = "prompt_tokens" if name == "ours" else "prompt_token_ids"
-        for r, result in enumerate(rounds[name]):
-            for i, (got, want) in enumerate(zip((x[key] for x in result["results"]), expected, strict=True)):
-                if got != want:
-                    out.append(f"{name} round {r} question {i}: {key} differ")
+    for r, (mine, theirs) in enumerate(zip(rounds["ours"], rounds["vllm"], strict=True)):
+        for i, (a, b, ids) in enumerate(zip(mine["results"], theirs["results"], ours, strict=True)):
+            if a["prompt_tokens"] != len(ids) or b["prompt_token_ids"] != ids:
+                out.append(f"round {r} question {i}")
     return out
 
 
