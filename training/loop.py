@@ -36,6 +36,7 @@ log = logging.getLogger("training")
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 PLOT_FILE = "progress.png"
+TRAINED_ON_FILE = "trained_on.sha256"  # sha256 of the examples.jsonl an iteration's SFT (and its checkpoint) trained on
 MANIFEST_FORMAT = "toolace-r-adapter/1"
 # Fields that may change between a crash and its resume without invalidating what was done.
 _RESUMABLE_CHANGES = {
@@ -293,10 +294,21 @@ class Run:
             self._plot()
 
     def _train_step(self, t: int, it: dict[str, Any], adapter: Path | None, work: Path) -> None:
-        examples = [Example.from_json(json.loads(line)) for line in (work / "examples.jsonl").open()]
+        from server import model_store
+
+        examples_file = work / "examples.jsonl"
+        examples = [Example.from_json(json.loads(line)) for line in examples_file.open()]
         init = None if self.config.loop.restart_lora or adapter is None else adapter
         started = time.monotonic()
         done_file = work / "train_result.json"  # written after the adapter: a crash right after keeps it
+        # What this iteration trained (or began to: the checkpoint) is reused only when it trained on these very
+        # examples; a redone iteration (new data, same directory) starts its SFT over.
+        stamp, digest = work / TRAINED_ON_FILE, model_store.file_sha256(examples_file)
+        if self.dist.is_main_process and (not stamp.exists() or stamp.read_text().strip() != digest):
+            done_file.unlink(missing_ok=True)
+            shutil.rmtree(work / "train", ignore_errors=True)
+            stamp.write_text(digest + "\n")
+        self.dist.wait_for_everyone()
         if done_file.exists():
             it["train"] = json.loads(done_file.read_text())
         else:

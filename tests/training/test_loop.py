@@ -48,7 +48,7 @@ def _stub_trainer(calls: list[Path | None], crash: bool = False):  # noqa: ANN20
         calls.append(kw.get("init_adapter"))
         if crash:
             raise Crash
-        output_dir.mkdir(parents=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
         save_file({"w": torch.ones(2, dtype=torch.float32)}, output_dir / "adapter_model.safetensors")
         (output_dir / "adapter_config.json").write_text("{}")
         return TrainResult(len(examples), 0, 1, 10, [1.0])
@@ -113,3 +113,35 @@ def test_multi_call_samples_are_kept_when_asked_even_if_never_selected(scripted,
     assert iteration["selected"] == 0 and iteration["refine"]["kept_multi_call"] == 6
     examples = (tmp_path / "run" / "iter_1" / "examples.jsonl").read_text().splitlines()
     assert len(examples) == 6
+
+
+
+def test_an_iteration_redone_on_other_examples_trains_again(scripted, tmp_path: Path) -> None:  # noqa: ANN001
+    """An iteration redone in its directory (state reset by hand, new data) must not reuse the SFT result or the
+    checkpoint of the examples it trained on before (seen once: an adapter 'trained in 0 s' on the old examples);
+    with the same examples, the finished SFT is reused."""
+    engine = _oracle_engine(scripted)
+    config = _config(tmp_path)
+    config.loop.max_iterations = 1
+    trained: list[Path | None] = []
+    train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer(trained))
+    state_file, work = tmp_path / "run" / "state.json", tmp_path / "run" / "iter_1"
+
+    def redo(examples: list[str]) -> None:
+        state = json.loads(state_file.read_text())
+        for key in ("train", "heldout", "done", "adapter"):
+            state["iterations"][0].pop(key, None)
+        for key in ("published", "stop_reason"):
+            state.pop(key, None)
+        state_file.write_text(json.dumps(state))
+        (work / "examples.jsonl").write_text("".join(line + "\n" for line in examples))
+        (work / "train" / "checkpoint").mkdir(parents=True, exist_ok=True)  # as an interrupted SFT leaves it
+        train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer(trained))
+
+    examples = (work / "examples.jsonl").read_text().splitlines()
+    redo(examples)
+    assert len(trained) == 1 and (work / "train" / "checkpoint").exists()
+    redo(examples[:-1])
+    assert len(trained) == 2, "other examples: trained again"
+    assert not (work / "train" / "checkpoint").exists(), "the old examples' checkpoint is not resumed"
+    assert json.loads((work / "train_result.json").read_text())["examples"] == len(examples) - 1
