@@ -115,7 +115,6 @@ def test_multi_call_samples_are_kept_when_asked_even_if_never_selected(scripted,
     assert len(examples) == 6
 
 
-
 def test_an_iteration_redone_on_other_examples_trains_again(scripted, tmp_path: Path) -> None:  # noqa: ANN001
     """An iteration redone in its directory (state reset by hand, new data) must not reuse the SFT result or the
     checkpoint of the examples it trained on before (seen once: an adapter 'trained in 0 s' on the old examples);
