@@ -105,12 +105,12 @@ def test_parallel_tool_calls_false_holds(qwen: openai.OpenAI) -> None:
     assert isinstance(json.loads(calls[0].function.arguments), dict)
 
 
-SHIPPED_ADAPTER = "qwen2.5-coder-0.5b-toolace-r"  # adapters/ in the repository: the Qwen training run's result
+SHIPPED_ADAPTER = "qwen2.5-coder-0.5b-toolace-r-native"  # adapters/ in the repository: run 4, native format
 
 
 def test_the_shipped_adapter_is_served_by_name(qwen: openai.OpenAI) -> None:
-    """On both servers: the adapter is served in the prompt format its manifest names (pythonic), whatever the
-    server's --prompt-format, so the native server's answer is the same call."""
+    """On both servers: the adapter is served in the prompt format its manifest names (native), whatever the
+    server's --prompt-format, so the pythonic server's answer is the same call."""
     assert SHIPPED_ADAPTER in {m.id for m in qwen.models.list().data}  # registered from ./adapters at start
     result = qwen.chat.completions.create(
         model=SHIPPED_ADAPTER,
