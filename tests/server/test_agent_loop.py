@@ -1,6 +1,7 @@
 """What a user of the shipped adapter sees: it declines when no tool fits, calls when one does, and after a tool
 result it answers in words, so that an agent framework's loop ends (pydantic-ai against the real server).
-Issues 17 and 23: every adapter before run 4's called a tool for "Tell me a joke" or called it again after its result."""
+Issues 17 and 23: every adapter before run 4's called a tool for "Tell me a joke" or called it again after its
+result."""
 
 from __future__ import annotations
 
