@@ -3,7 +3,10 @@
 - A1 right (exactly; A = A1): the sample teaches when to stop refining; A1 is kept verbatim as the target (for a
   sample with nothing to call, its own target: the model's non-call answers include garbled calls written as text).
 - A1 wrong: the model samples k refinements of it (one n=k call); the example is kept only when one of them ≈ the
-  ground truth (the correction is within the model's reach), with the ground truth as the target.
+  ground truth (the correction is within the model's reach), with the ground truth as the target. An A1 that is
+  itself ≈ the truth (one value off) would pass that check by repeating itself, and its example would teach the model
+  to change a value it has no reason to doubt (on BFCL, often one of the accepted values): such a near miss is kept
+  only when a refinement is exactly right.
 A1 comes from the answers sampled in selection (every distinct wrong one is a candidate), so the data follows the
 model's own mistakes.
 """
@@ -80,7 +83,8 @@ async def build_refine_examples(
 
     - "keep your answer": the first of them that is exactly right, as A1 and as the target (teaches when to stop);
     - fixes: every distinct wrong answer is a candidate A1 (the model's own, on-policy mistakes); the model samples
-      k refinements of it, and when one ≈ the ground truth (the paper's Eq. 3: the fix is within its reach) the
+      k refinements of it, and when one ≈ the ground truth (the paper's Eq. 3: the fix is within its reach; see
+      `fix_reached`) the
       example [.., A1, refine prompt] → ground truth is kept, else the candidate is rejected."""
 
     async def one(sample: Sample) -> dict[str, Any]:
@@ -98,7 +102,7 @@ async def build_refine_examples(
                 n=config.k,
             )
             refined = await sample_answers(engine, refine_prompt(sample, first, fmt), params, adapter)
-            kept = any(answer_matches(a, sample.ground_truth, config.max_differing_values) for a in refined)
+            kept = fix_reached(first, refined, sample, config.max_differing_values)
             fixes.append({"first": first, "kept": kept, "answers": refined})
         return {"stop": right[0] if right else None, "fixes": fixes}
 
@@ -112,6 +116,12 @@ async def build_refine_examples(
         progress=progress,
     )
     return refine_examples(selected, records, fmt)
+
+
+def fix_reached(first: str, refined: Sequence[str], sample: Sample, max_differing_values: int) -> bool:
+    """Eq. 3: whether a refinement of the wrong answer `first` ≈ the ground truth; exactly, where `first` ≈ it."""
+    tolerance = 0 if answer_matches(first, sample.ground_truth, max_differing_values) else max_differing_values
+    return any(answer_matches(a, sample.ground_truth, tolerance) for a in refined)
 
 
 def refine_examples(

@@ -91,6 +91,21 @@ def test_refine_examples_keep_right_answers_and_try_every_distinct_wrong_one(
     assert sorted(messages[-2]["content"] for messages, _, _ in engine.calls) == sorted([WRONG, CLOSE])
 
 
+def test_a_near_miss_is_fixed_only_by_an_exactly_right_refinement(scripted, make_sample, tmp_path: Path) -> None:  # noqa: ANN001
+    """CLOSE is one value off, so it ≈ the truth itself: refinements that only repeat it pass the paper's ≈ check
+    without fixing anything, and the example would teach changing a value for no reason."""
+    samples = [make_sample("echo"), make_sample("wrong")]
+    selection = {"echo": {"answers": [CLOSE]}, "wrong": {"answers": [WRONG]}}
+    engine = scripted(lambda messages, params: [CLOSE] * params.n)  # every refinement writes CLOSE
+    path = tmp_path / "refine.jsonl"
+    examples = asyncio.run(
+        build_refine_examples(engine, samples, selection, RefineConfig(k=2), SelectionConfig(), path)
+    )
+    # WRONG -> CLOSE is a real step to within one value (kept, as Eq. 3 says); CLOSE -> CLOSE is not
+    assert [e.id for e in examples] == ["wrong#fix0"]
+    assert refine_counts(read_records(path)) == {"refine_stop": 0, "refine_fix": 1, "refine_fix_rejected": 1}
+
+
 def test_a_declining_sample_keeps_its_own_target_not_the_models_text(scripted, make_sample) -> None:  # noqa: ANN001
     """Any answer without a readable call "matches" a sample with nothing to call, a garbled call written as text
     too (what the base model wrote for most live_irrelevance questions); a keep example built from that text would
