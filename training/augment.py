@@ -5,7 +5,8 @@
 - `without_called`: a sample offering several tools with the called ones removed: nothing left fits, the right answer
   is no call (Hammer's irrelevance data: near misses that share the question's domain);
 - `composed_parallel`: two single-call questions asked as one, both calls in the answer (parallel when they call the
-  same function, parallel multiple when not): the training sources hold few parallel samples;
+  same function, parallel multiple when not): the training sources hold few parallel samples; optionally with
+  distractor tools, so that "call every offered tool" does not fit them all;
 - `shuffled_tools`: the offered tools in a seeded order, so that position says nothing about which one to call.
 
 Every function is deterministic in the sample ids and its salt.
@@ -85,10 +86,17 @@ def without_called(samples: Sequence[Sample]) -> list[Sample]:
     return out
 
 
-def composed_parallel(samples: Sequence[Sample], count: int, salt: str = "compose") -> list[Sample]:
+def composed_parallel(
+    samples: Sequence[Sample], count: int, salt: str = "compose", distractors: int = 0
+) -> list[Sample]:
     """Up to `count` samples made of two single-call, single-turn samples: "Q1 Also, q2" with both calls as the
     answer and the union of their tools. Half (as far as they go) pair questions that call the same function (BFCL's
-    parallel shape), the rest pair different ones (parallel multiple)."""
+    parallel shape), the rest pair different ones (parallel multiple).
+
+    Without distractors a sample offers exactly the tools it calls, and an adapter trained on them learned to call
+    every offered tool (a second, unasked call on BFCL multiple). With `distractors`, each also offers that many
+    tools of other samples (names not already offered), in a seeded order; its id ends in `+d<n>`, so that records
+    made for the samples without them are never reused for these."""
     single = [s for s in seeded_shuffle(samples, salt) if len(s.ground_truth) == 1 and len(s.messages) == 1]
     by_function: dict[str, list[Sample]] = defaultdict(list)
     for sample in single:
@@ -110,10 +118,13 @@ def composed_parallel(samples: Sequence[Sample], count: int, salt: str = "compos
         tools = _union_tools(a.tools, b.tools)
         if tools is None:
             continue
+        sid = f"{a.id}+{b.id}" + (f"+d{distractors}" if distractors else "")
+        if distractors:
+            tools = _with_distractors(tools, single, distractors, f"{salt}:{sid}")
         question = f"{_sentence(a.query)} Also, {_lower_first(b.query)}"
         out.append(
             Sample(
-                f"{a.id}+{b.id}",
+                sid,
                 f"{a.source}:composed",
                 ({"role": "user", "content": question},),
                 tools,
@@ -121,6 +132,25 @@ def composed_parallel(samples: Sequence[Sample], count: int, salt: str = "compos
             )
         )
     return out
+
+
+def _with_distractors(
+    tools: Sequence[dict[str, Any]], pool: Sequence[Sample], count: int, salt: str
+) -> tuple[dict[str, Any], ...]:
+    """`tools` plus `count` tools of samples in `pool` whose names are not offered yet, all in a seeded order."""
+    rng = random.Random(salt)
+    offered = {t["function"]["name"] for t in tools}
+    extra: list[dict[str, Any]] = []
+    for sample in rng.sample(list(pool), len(pool)):
+        if len(extra) == count:
+            break
+        for tool in sample.tools:
+            if tool["function"]["name"] not in offered and len(extra) < count:
+                offered.add(tool["function"]["name"])
+                extra.append(dict(tool))
+    combined = [*tools, *extra]
+    rng.shuffle(combined)
+    return tuple(combined)
 
 
 def _signature(sample: Sample, name: str) -> str:

@@ -311,8 +311,8 @@ def load_chat_jsonl(path: str | Path, *, source: str | None = None) -> list[Samp
 def load_source(spec: Mapping[str, Any]) -> list[Sample]:
     """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path}, or one
     made from others (`of`: an entry or a list of entries): {type: mismatched}, {type: without_called},
-    {type: composed_parallel, count}, {type: masked, fraction} (training/augment.py); optional `limit` (a seeded
-    random subset)."""
+    {type: composed_parallel, count, distractors}, {type: masked, fraction} (training/augment.py); optional `limit`
+    (a seeded random subset)."""
     from training import augment
 
     kind = spec.get("type")
@@ -324,7 +324,7 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
     elif kind == "without_called":
         samples = augment.without_called(base)
     elif kind == "composed_parallel":
-        samples = augment.composed_parallel(base, int(spec["count"]))
+        samples = augment.composed_parallel(base, int(spec["count"]), distractors=int(spec.get("distractors", 0)))
     elif kind == "masked":
         samples = augment.masked_fraction(base, float(spec.get("fraction", 1.0)))
     elif kind == "bfcl":

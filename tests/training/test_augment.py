@@ -74,6 +74,24 @@ def test_composed_parallel_asks_both_questions_and_expects_both_calls() -> None:
         assert len(parsed.tool_calls) == 2 and answer_matches(parsed, sample.ground_truth, 0)
 
 
+def test_composed_parallel_with_distractors_offers_tools_it_does_not_call() -> None:
+    spec = {"type": "composed_parallel", "count": 40, "of": [LIVE_SIMPLE, {"type": "bfcl", "category": "exec_simple"}]}
+    plain = {s.id: s for s in load_source(spec)}
+    composed = load_source(spec | {"distractors": 2})
+    assert len(composed) == 40 and not set(plain) & {s.id for s in composed}  # no record of the plain ones applies
+    orders = set()
+    for sample in composed:
+        twin = plain[sample.id.removesuffix("+d2")]
+        assert sample.query == twin.query and sample.ground_truth == twin.ground_truth
+        names = [t["function"]["name"] for t in sample.tools]
+        assert len(names) == len(set(names)) == len(twin.tools) + 2  # two more, none offered twice
+        assert all(tool in sample.tools for tool in twin.tools)
+        orders.add(names.index(twin.tools[0]["function"]["name"]))
+        assert answer_matches(sample.target(PromptFormat.NATIVE), sample.ground_truth, 0)
+    assert len(orders) > 1  # the called tools are not always first
+    assert [s.tools for s in load_source(spec | {"distractors": 2})] == [s.tools for s in composed]  # seeded
+
+
 def test_native_prompt_and_target_are_what_the_server_sends_and_parses() -> None:
     (sample,) = [s for s in load_source({"type": "bfcl", "category": "live_parallel"}) if s.id == "live_parallel_0-0-0"]
     prompt = sample.prompt(PromptFormat.NATIVE)
