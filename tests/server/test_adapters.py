@@ -264,7 +264,9 @@ def test_engine_serves_the_base_after_unload_then_load(smol_dir: Path, layout: d
     from server.engine.transformers import TransformersEngine
 
     async def run() -> None:
-        engine = TransformersEngine(smol_dir, max_batch_size=2)
+        # No prefix cache: a prompt resumed from cached KV is not bit-identical to a fresh prefill in bfloat16 (on an
+        # AVX-512 BF16 Xeon the same base request answered differently the second time), and this compares texts.
+        engine = TransformersEngine(smol_dir, max_batch_size=2, prefix_cache_tokens=0)
         try:
             base = await engine.generate(PROMPT, SamplingParams(max_tokens=6))
             await engine.load_adapter(SHADE, layout["root"] / "staging" / SHADE)
