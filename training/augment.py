@@ -94,9 +94,9 @@ def composed_parallel(
     parallel shape), the rest pair different ones (parallel multiple).
 
     Without distractors a sample offers exactly the tools it calls, so "call every offered tool" fits them all (the
-    likely source of an adapter's unasked second calls on BFCL multiple, RESULTS.md). With `distractors`, each also offers that many
-    tools of other samples (names not already offered), in a seeded order; its id ends in `+d<n>`, so that records
-    made for the samples without them are never reused for these."""
+    likely source of an adapter's unasked second calls on BFCL multiple, RESULTS.md). With `distractors`, each also
+    offers that many tools of other samples (names not already offered), in a seeded order; its id ends in `+d<n>`,
+    so that records made for the samples without them are never reused for these."""
     single = [s for s in seeded_shuffle(samples, salt) if len(s.ground_truth) == 1 and len(s.messages) == 1]
     by_function: dict[str, list[Sample]] = defaultdict(list)
     for sample in single:
