@@ -122,35 +122,30 @@ def composed_parallel(
         if distractors:
             tools = _with_distractors(tools, single, distractors, f"{salt}:{sid}")
         question = f"{_sentence(a.query)} Also, {_lower_first(b.query)}"
-        out.append(
-            Sample(
-                sid,
-                f"{a.source}:composed",
-                ({"role": "user", "content": question},),
-                tools,
-                a.ground_truth + b.ground_truth,
-            )
+        sample = Sample(
+            sid,
+            f"{a.source}:composed",
+            ({"role": "user", "content": question},),
+            tools,
+            a.ground_truth + b.ground_truth,
         )
+        out.append(shuffled_tools(sample, salt) if distractors else sample)
     return out
 
 
 def _with_distractors(
     tools: Sequence[dict[str, Any]], pool: Sequence[Sample], count: int, salt: str
 ) -> tuple[dict[str, Any], ...]:
-    """`tools` plus `count` tools of samples in `pool` whose names are not offered yet, all in a seeded order."""
-    rng = random.Random(salt)
+    """`tools` plus `count` tools of samples in `pool` (taken in a seeded order) whose names are not offered yet."""
     offered = {t["function"]["name"] for t in tools}
     extra: list[dict[str, Any]] = []
-    for sample in rng.sample(list(pool), len(pool)):
+    for tool in (tool for sample in seeded_shuffle(pool, salt) for tool in sample.tools):
         if len(extra) == count:
             break
-        for tool in sample.tools:
-            if tool["function"]["name"] not in offered and len(extra) < count:
-                offered.add(tool["function"]["name"])
-                extra.append(dict(tool))
-    combined = [*tools, *extra]
-    rng.shuffle(combined)
-    return tuple(combined)
+        if tool["function"]["name"] not in offered:
+            offered.add(tool["function"]["name"])
+            extra.append(dict(tool))
+    return (*tools, *extra)
 
 
 def _signature(sample: Sample, name: str) -> str:

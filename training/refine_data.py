@@ -84,8 +84,7 @@ async def build_refine_examples(
     - "keep your answer": the first of them that is exactly right, as A1 and as the target (teaches when to stop);
     - fixes: every distinct wrong answer is a candidate A1 (the model's own, on-policy mistakes); the model samples
       k refinements of it, and when one ≈ the ground truth (the paper's Eq. 3: the fix is within its reach; see
-      `fix_reached`) the
-      example [.., A1, refine prompt] → ground truth is kept, else the candidate is rejected."""
+      `fix_reached`) the example [.., A1, refine prompt] → ground truth is kept, else the candidate is rejected."""
 
     async def one(sample: Sample) -> dict[str, Any]:
         answers = [a.strip() for a in selection[sample.id]["answers"]]
