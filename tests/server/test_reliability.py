@@ -154,15 +154,21 @@ def test_request_limits_name_the_field(server: RunningServer, extra: dict[str, A
 
 
 def test_a_full_queue_answers_429_with_retry_after(server: RunningServer) -> None:
+    # The running request streams until the client leaves, so the waiting one's 8 s deadline only starts to count
+    # down once the 429 is in: nothing here depends on how fast this machine decodes.
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(headers=server.headers, timeout=120) as client:
-            body = {"model": SMOL, "messages": LONG, "max_tokens": 40}
-            first = asyncio.create_task(client.post(f"{server.v1}/chat/completions", json=body))
-            await asyncio.sleep(0.5)  # running
-            second = asyncio.create_task(client.post(f"{server.v1}/chat/completions", json=body))
-            await asyncio.sleep(0.5)  # waiting
-            third = await client.post(f"{server.v1}/chat/completions", json=body)
-            return [await first, await second, third]
+            url = f"{server.v1}/chat/completions"
+            long_body = {"model": SMOL, "messages": LONG, "max_tokens": 1000, "stream": True}
+            async with client.stream("POST", url, json=long_body) as first:
+                lines = first.aiter_lines()  # held: a dropped iterator would close the stream
+                await anext(lines)  # running
+                short_body = {"model": SMOL, "messages": SHORT, "max_tokens": 4}
+                second = asyncio.create_task(client.post(url, json=short_body))
+                await asyncio.sleep(0.5)  # waiting
+                third = await client.post(url, json=short_body)
+                assert not second.done()
+            return [first, await second, third]
 
     first, second, third = asyncio.run(scenario())
     assert first.status_code == second.status_code == 200
