@@ -6,7 +6,9 @@ Made model-aware, in the paper's spirit (the model's own outputs, filtered):
 
 1. the current model writes a plausible JSON result for each call of a calling sample (no tools offered);
 2. the current model answers the user's question from those results, with the tools hidden;
-3. the answer is kept when it calls nothing and uses the result (repeats one of its values).
+3. the answer is kept when it calls nothing, uses the result (repeats one of its values) and is a plain answer: whole
+   sentences (not cut off by the token limit), no code or JSON, at most 60 words, and no number of two or more digits
+   that is in neither the question, the calls nor the results (the base model otherwise invents sums and prices).
 
 Each kept sample becomes `[user, assistant(calls), tool(results)]` whose target is that answer. A sample with several
 calls also gives `[user, assistant(first call), tool(its result)]` whose target is the remaining calls.
@@ -31,7 +33,12 @@ RESULT_PROMPT = (
     "A program called the function `{name}` with these arguments:\n{arguments}\n"
     "Write the JSON object it returned: realistic values, a few fields, on one line. Output only the JSON."
 )
-ANSWER_SYSTEM = "You are a helpful assistant. Answer the user's question from the tool results you are given."
+ANSWER_SYSTEM = (
+    "You are a helpful assistant. Answer the user's question from the tool results you are given, in one or two "
+    "sentences, using only values that appear in them. No code, no JSON."
+)
+MAX_ANSWER_WORDS = 60
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*")
 ANSWER_PROMPT = "{question}\n\nTool results:\n{results}"
 
 
@@ -67,6 +74,19 @@ def uses_result(answer: str, results: Sequence[str]) -> bool:
             elif len(value := str(value).strip()) >= 3 and value.lower() in text:
                 return True
     return False
+
+
+def unplain(answer: str, context: str) -> str | None:
+    """Why the answer is not a plain answer in words grounded in `context` (question, calls, results); None if it is."""
+    if "{" in answer or "```" in answer:
+        return "code or JSON"
+    if not answer.rstrip().endswith((".", "!", "?", '"')):
+        return "cut off"
+    if len(answer.split()) > MAX_ANSWER_WORDS:
+        return "too long"
+    known = {n.replace(",", "") for n in _NUMBER.findall(context)}
+    made_up = [n for n in _NUMBER.findall(answer) if len(n.lstrip("-")) > 1 and n.replace(",", "") not in known]
+    return f"made-up number {made_up[0]}" if made_up else None
 
 
 def _number(value: float) -> str:
@@ -131,8 +151,11 @@ async def write_followups(
                 [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": question}], max_new_tokens
             )
         ).strip()
-        kept = bool(answer) and not parse_answer(answer).tool_calls and uses_result(answer, results)
-        return {"kept": kept, "results": results, "answer": answer, "why": None if kept else "answer unused"}
+        if not answer or parse_answer(answer).tool_calls or not uses_result(answer, results):
+            why: str | None = "answer unused"
+        else:
+            why = unplain(answer, "\n".join([sample.query, *(json.dumps(c.arguments) for c in calls), *results]))
+        return {"kept": why is None, "results": results, "answer": answer, "why": why}
 
     await map_resumable(
         candidates(samples, count),

@@ -10,7 +10,7 @@ from pathlib import Path
 from server.prompts import PromptFormat
 from server.toolcalls import ToolCall, parse_answer
 from training.data import GroundTruthCall, Sample
-from training.followups import followup_samples, uses_result, write_followups
+from training.followups import followup_samples, unplain, uses_result, write_followups
 from training.matching import answer_matches
 
 
@@ -34,6 +34,16 @@ def test_uses_result_needs_a_value_of_the_result() -> None:
     assert not uses_result("I cannot tell.", [result])
 
 
+def test_only_plain_grounded_answers_are_kept() -> None:
+    context = 'Weather in Paris?\n{"city": "Paris"}\n{"temperature": 21, "rain_mm": 0.5}'
+    assert unplain("It is 21 degrees in Paris, with 0.5 mm of rain.", context) is None
+    assert unplain("It is 21 degrees in Paris, 3 days in a row.", context) is None  # one digit: not checked
+    assert unplain("It is 21 degrees, 69.8 in Fahrenheit.", context) == "made-up number 69.8"
+    assert unplain("It is 21 degrees in Paris and the", context) == "cut off"
+    assert unplain('Here it is: {"temperature": 21}.', context) == "code or JSON"
+    assert unplain("It is 21 degrees. " + "Nice weather. " * 30, context) == "too long"
+
+
 def test_followups_answer_after_results_or_make_the_next_call(scripted, make_sample, tmp_path: Path) -> None:  # noqa: ANN001
     def script(messages, params):  # noqa: ANN001, ANN202
         text = messages[-1]["content"]
@@ -42,6 +52,8 @@ def test_followups_answer_after_results_or_make_the_next_call(scripted, make_sam
             city = "Paris" if "Paris" in text else "Rome" if "Rome" in text else "Oslo"
             return [f'Sure: {{"city": "{city}", "temperature": 18}}']
         assert messages[0]["role"] == "system" and "Tool results:" in text  # the answer, tools hidden
+        if "Rome" in text:  # a sum no result holds
+            return ["It is 18 degrees in Paris and Rome, 36 in all."]
         return ["No idea."] if "Oslo" in text else ["It is 18 degrees there."]
 
     engine = scripted(script)
@@ -49,7 +61,8 @@ def test_followups_answer_after_results_or_make_the_next_call(scripted, make_sam
     path = tmp_path / "followups.jsonl"
     asyncio.run(write_followups(engine, samples, 10, path, progress=False))
     made = {s.id: s for s in followup_samples(samples, 10, path)}
-    assert set(made) == {"paris>answer", "both>answer", "both>next"}  # Oslo's answer does not use its result
+    # Oslo's answer does not use its result; the two-city answer invents a number
+    assert set(made) == {"paris>answer", "both>next"}
 
     answer = made["paris>answer"]
     user, assistant, tool = answer.messages
