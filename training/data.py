@@ -137,7 +137,8 @@ def load_bfcl(category: str, *, allow_eval_categories: bool = False) -> list[Sam
         if leaked.intersection(_user_texts([question.messages])):
             continue  # the same question is in an evaluation category (a few live_irrelevance ones are)
         try:
-            calls = tuple(_bfcl_call(item) for item in question.ground_truth or [])
+            asked = " ".join(_user_texts([question.messages]))
+            calls = tuple(stated_first(_bfcl_call(item), asked) for item in question.ground_truth or [])
         except ValueError:  # a few exec answers are expressions (`p=1/6`) or positional: no literal target
             continue
         tools = tuple(bfcl.openai_tools(question.functions))
@@ -179,6 +180,23 @@ def _bfcl_call(item: Any) -> GroundTruthCall:
         return GroundTruthCall.exact(calls[0])
     ((name, arguments),) = item.items()
     return GroundTruthCall(name, {key: _bfcl_values(values) for key, values in arguments.items()})
+
+
+def stated_first(call: GroundTruthCall, asked: str) -> GroundTruthCall:
+    """The call with a value the question states preferred over leaving its optional parameter out: BFCL lists ""
+    first for some (`"unit": ["", "fahrenheit"]` for "... in fahrenheit"), and a target that drops what the user
+    said teaches the model to drop it where the evaluation requires it. `asked` is normalised (lower case)."""
+
+    def stated(value: Any) -> bool:
+        return isinstance(value, str) and len(value) >= 3 and normalised_question(value) in asked
+
+    arguments = {
+        key: (*[v for v in values if stated(v)], *[v for v in values if not stated(v)])
+        if values and values[0] == "" and any(stated(v) for v in values)
+        else values
+        for key, values in call.arguments.items()
+    }
+    return GroundTruthCall(call.name, arguments)
 
 
 def _bfcl_values(values: list[Any]) -> tuple[Any, ...]:

@@ -22,6 +22,7 @@ from training.data import (
     load_source,
     normalised_question,
     split,
+    stated_first,
 )
 from training.matching import answer_matches
 
@@ -29,12 +30,14 @@ from training.matching import answer_matches
 def test_bfcl_live_multiple_keeps_every_acceptable_value_and_renders_the_first() -> None:
     samples = {s.id: s for s in load_bfcl("live_multiple")}
     assert len(samples) == 1052  # of 1053: one repeats a non-live question word for word
-    sample = samples["live_multiple_5-3-0"]  # get_current_weather(location=["Shanghai, China"], unit=["", "metric"])
+    # BFCL: get_current_weather(location=["Shanghai, China"], unit=["", "metric"]) for "... using the metric system?"
+    sample = samples["live_multiple_5-3-0"]
     (call,) = sample.ground_truth
-    assert call.arguments["unit"] == ("", "metric")
-    assert call.preferred() == ToolCall("get_current_weather", {"location": "Shanghai, China"})  # "" first: left out
-    assert sample.target() == "[get_current_weather(location='Shanghai, China')]"
-    assert answer_matches("[get_current_weather(location='Shanghai, China', unit='metric')]", sample.ground_truth, 0)
+    assert call.arguments["unit"] == ("metric", "")  # stated in the question: preferred over leaving it out
+    assert sample.target() == "[get_current_weather(location='Shanghai, China', unit='metric')]"
+    assert answer_matches("[get_current_weather(location='Shanghai, China')]", sample.ground_truth, 0)
+    unstated = stated_first(GroundTruthCall("f", {"unit": ("", "metric")}), "weather in shanghai?")
+    assert unstated.preferred() == ToolCall("f", {})  # "" first and not stated: left out
     # Nested dict parameters keep acceptable values per field.
     nested = samples["live_multiple_0-0-0"].ground_truth[0].arguments["new_preferences"][0]
     assert isinstance(nested, Nested)
