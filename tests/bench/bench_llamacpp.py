@@ -6,7 +6,9 @@ Both run at once: ours (`serve --engine llamacpp`) and a plain `llama-server` wi
 (the ids our server sends its engine) through `/completion` with our engine's request body, so both decode identical
 prompts (checked request by request: prompt token counts must match, else no ratio is reported). Rounds run in ABBA
 order, so that background load weighs on both alike. Reported: completion tokens per second per server and stream
-count, and their ratios (ours / llama.cpp; the goal is >= 0.95).
+count, and their ratios (ours / llama.cpp; the goal is >= 0.95). With `--streamed-probe`, llama.cpp's server is also
+asked with `"stream": true` and read event by event in Python, as our engine reads it: the share of the gap that
+per-token wake-ups of a client process cost on a CPU whose every core runs a llama.cpp thread.
 
 Then refinement on our server: the first N BFCL simple_python questions with tools, `refine=none` against
 `refine=adaptive`, per question, the one going first alternating (llama.cpp's prompt cache has no salt, so the
@@ -65,8 +67,9 @@ def llama_server(gguf: Path, log_dir: Path, max_model_len: int, slots: int) -> I
         yield server
 
 
-async def stories(server: RunningServer, ours: bool, ids: list[list[int]], streams: int, max_tokens: int) -> dict:
-    """One round: every story prompt once, `streams` at a time; tokens and wall time."""
+async def stories(server: RunningServer, kind: str, ids: list[list[int]], streams: int, max_tokens: int) -> dict:
+    """One round: every story prompt once, `streams` at a time; tokens and wall time. `kind`: "ours", "llama.cpp"
+    (one JSON answer per request) or "llama.cpp streamed" (server-sent events, read one by one)."""
     queue = list(range(len(TOPICS)))
     prompt_tokens = [0] * len(TOPICS)
     completion_tokens = 0
@@ -75,7 +78,7 @@ async def stories(server: RunningServer, ours: bool, ids: list[list[int]], strea
         nonlocal completion_tokens
         while queue:
             i = queue.pop(0)
-            if ours:
+            if kind == "ours":
                 messages = [{"role": "user", "content": f"Write a long story about {TOPICS[i]}."}]
                 body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
                 response = await http.post(f"{server.v1}/chat/completions", json=body)
@@ -84,14 +87,20 @@ async def stories(server: RunningServer, ours: bool, ids: list[list[int]], strea
                 prompt_tokens[i], done = usage["prompt_tokens"], usage["completion_tokens"]
             else:
                 body = request_body(ids[i], SamplingParams(max_tokens=max_tokens))
-                response = await http.post(f"{server.base_url}/completion", json=body)
-                response.raise_for_status()
-                data = response.json()
+                if kind == "llama.cpp streamed":
+                    async with http.stream("POST", f"{server.base_url}/completion", json={**body, "stream": True}) as r:
+                        r.raise_for_status()
+                        events = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: ")]
+                    data = events[-1]
+                else:
+                    response = await http.post(f"{server.base_url}/completion", json=body)
+                    response.raise_for_status()
+                    data = response.json()
                 prompt_tokens[i] = data["tokens_evaluated"]
                 done = data["tokens_predicted"] - (data["stop_type"] == "eos")  # ours does not count the end token
             completion_tokens += done
 
-    async with httpx.AsyncClient(headers=server.headers if ours else {}, timeout=1800) as http:
+    async with httpx.AsyncClient(headers=server.headers if kind == "ours" else {}, timeout=1800) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(streams)))
         wall = time.perf_counter() - start
@@ -125,6 +134,8 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2, help="per server and stream count, in ABBA order")
     parser.add_argument("--refine-questions", type=int, default=20)
+    parser.add_argument("--streams", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8])
+    parser.add_argument("--streamed-probe", action="store_true", help="also time llama-server streamed (1 stream)")
     parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here too")
     args = parser.parse_args()
 
@@ -142,17 +153,20 @@ def main() -> int:
             "ours": stack.enter_context(contextmanager(start_server)(args.model, log_dir, *ours_args)),
             "llama.cpp": stack.enter_context(llama_server(gguf, log_dir, args.max_model_len, args.slots)),
         }
-        for streams in (1, 8):
-            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
-            order = [("ours", "llama.cpp"), ("llama.cpp", "ours")] * ((args.rounds + 1) // 2)
-            for pair in order[: args.rounds]:
-                for name in pair:
-                    result = asyncio.run(stories(servers[name], name == "ours", ids, streams, args.max_tokens))
+        for streams in args.streams:
+            kinds = ["ours", "llama.cpp"] + (["llama.cpp streamed"] if args.streamed_probe and streams == 1 else [])
+            rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+            order = [kinds, kinds[::-1]] * ((args.rounds + 1) // 2)
+            for sequence in order[: args.rounds]:
+                for name in sequence:
+                    server = servers["ours" if name == "ours" else "llama.cpp"]
+                    result = asyncio.run(stories(server, name, ids, streams, args.max_tokens))
                     rounds[name].append(result)
                     print(f"{streams} stream(s), {name}: {result['wall']:.1f} s", file=sys.stderr, flush=True)
             same_prompts = all(
                 a["prompt_tokens"] == b["prompt_tokens"]
-                for a, b in zip(rounds["ours"], rounds["llama.cpp"], strict=True)
+                for other in kinds[1:]
+                for a, b in zip(rounds["ours"], rounds[other], strict=True)
             )
             speed = {
                 name: round(sum(r["completion_tokens"] for r in rs) / sum(r["wall"] for r in rs), 2)
@@ -163,6 +177,9 @@ def main() -> int:
                 "same_prompts": same_prompts,
                 "ratio_ours_over_llamacpp": round(speed["ours"] / speed["llama.cpp"], 3) if same_prompts else None,
             }
+            if "llama.cpp streamed" in speed and same_prompts:
+                ratio = round(speed["llama.cpp streamed"] / speed["llama.cpp"], 3)
+                report[f"{streams}_streams"]["ratio_llamacpp_streamed_over_unstreamed"] = ratio
         questions = load("simple_python", args.refine_questions)
         pairs = [
             asyncio.run(refine_pair(servers["ours"], q, args.max_tokens, i % 2 == 1)) for i, q in enumerate(questions)
