@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,14 @@ def test_eval_end_to_end_against_the_real_server(smol_server, tmp_path: Path) ->
     assert len(list(read_jsonl(tmp_path / RESULTS_FILE))) == 8
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [r["pending"] for r in runs] == [8, 0]
+
+
+def test_tool_grammar_is_asked_for_in_every_mode(tmp_path: Path) -> None:
+    for switch in (True, False):
+        client = StubClient()
+        Evaluator(_config(tmp_path / str(switch), modes=("none", "adaptive"), tool_grammar=switch), client).run()
+        assert client.requests and all(r["extra_body"]["tool_grammar"] is switch for r in client.requests)
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--model", "m", "--out", str(tmp_path), "--tool-grammar", "off"])
+    assert args.tool_grammar == "off"

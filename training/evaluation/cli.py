@@ -74,6 +74,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="multi-turn: play and score only the first N user turns (smoke tests; rows are not comparable)",
     )
+    p.add_argument(
+        "--tool-grammar",
+        choices=("on", "off"),
+        default=None,
+        help="ask for the server's lazy tool-call grammar under tool_choice auto (the `tool_grammar` extension) or "
+        "for free decoding; default: whatever the server does",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory for results.jsonl, summary.md and plots")
     p.add_argument("--report-only", action="store_true", help="only rebuild summary.md and plots from results.jsonl")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -108,6 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
             progress=args.progress,
             max_steps=args.max_steps,
             max_turns=args.max_turns,
+            tool_grammar=None if args.tool_grammar is None else args.tool_grammar == "on",
         )
         stats = Evaluator(config).run()
         print(

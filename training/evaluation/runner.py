@@ -48,6 +48,7 @@ class EvalConfig:
     progress: bool = True
     max_steps: int = multi_turn.MAX_STEPS  # multi-turn: BFCL's step cap per turn
     max_turns: int | None = None  # multi-turn: play (and score) only the first N turns, for smoke tests
+    tool_grammar: bool | None = None  # the server's lazy tool-call grammar per request; None: the server's default
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -69,9 +70,14 @@ class EvalConfig:
             fields["temperature"] = self.temperature
         if self.max_tokens is not None:
             fields["max_tokens"] = self.max_tokens
-        if mode != RefineMode.NONE:  # servers without the extension get a plain request for `none`
+        extension: dict[str, Any] = {}  # servers without the extensions get a plain request for `none`
+        if mode != RefineMode.NONE:
             extension = {"refine": mode, "max_refine_iterations": self.max_refine_iterations}
-            fields["extra_body"] = extension | ({"return_refinement_history": True} if history else {})
+            extension |= {"return_refinement_history": True} if history else {}
+        if self.tool_grammar is not None:
+            extension["tool_grammar"] = self.tool_grammar
+        if extension:
+            fields["extra_body"] = extension
         return fields
 
     def row_head(self, mode: str, question: Any, label: str) -> dict[str, Any]:
