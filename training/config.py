@@ -65,6 +65,13 @@ class RefineConfig:
     # Distinct wrong answers per sample that become fix candidates (None: all of them, up to selection's k); the
     # cost of the refine step on a slow machine is one k-answer request per candidate.
     max_fixes: int | None = None
+    # Distinct right answers per calling sample trained as "keep your answer" (the paper keeps one). More of them weigh
+    # keeping a right call against changing it: run 4's iteration 2 had 158 call keeps beside 75 fixes that turn a call
+    # into words, and refinement then turned right calls into declines on BFCL (RESULTS.md).
+    keep_answers: int = 1
+    # The share of kept fixes into words (a decline, or an answer after a tool result) that is trained on, chosen by a
+    # hash of the sample id; fixes into a call are all kept.
+    no_call_fix_fraction: float = 1.0
 
 
 @dataclass
@@ -160,8 +167,10 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.data.sources:
             raise ValueError("data.sources is empty: name at least one dataset to train on")
-        if self.selection.k < 1 or self.refine.k < 1:
-            raise ValueError("selection.k and refine.k must be at least 1")
+        if self.selection.k < 1 or self.refine.k < 1 or self.refine.keep_answers < 1:
+            raise ValueError("selection.k, refine.k and refine.keep_answers must be at least 1")
+        if not 0.0 <= self.refine.no_call_fix_fraction <= 1.0:
+            raise ValueError("refine.no_call_fix_fraction must be between 0 and 1")
         if self.sft.global_batch_size % self.sft.micro_batch_size:
             raise ValueError("sft.global_batch_size must be a multiple of sft.micro_batch_size")
         if self.model.generate_engine not in ("transformers", "llamacpp"):

@@ -51,6 +51,9 @@ _RESUMABLE_CHANGES = {
     "eval.concurrency",
     "sft.checkpoint_every_steps",
     "refine.max_fixes",  # a budget: refine records already made keep every candidate they were made with
+    # Read when an iteration's examples are built from its records; examples already built stay as they were.
+    "refine.keep_answers",
+    "refine.no_call_fix_fraction",
     # Gradient accumulation sums the same per-token losses whatever the micro batch: lowering it after an
     # out-of-memory kill changes memory, not the result (up to float summation order).
     "sft.micro_batch_size",
@@ -367,7 +370,7 @@ class Run:
         selection = read_records(work / "select.jsonl")
         chosen = [s for s in pool if selection[s.id]["selected"]]
         examples = direct_examples(chosen, self.config.format())
-        summary = {"direct": len(examples), "refine_stop": 0, "refine_fix": 0, "refine_fix_rejected": 0}
+        summary: dict[str, Any] = {"direct": len(examples), "refine_stop": 0, "refine_fix": 0, "refine_fix_rejected": 0}
         if self.config.selection.keep_multi_call:
             kept = [s for s in pool if not selection[s.id]["selected"] and len(s.ground_truth) > 1]
             examples += direct_examples(kept, self.config.format())
@@ -390,6 +393,7 @@ class Run:
             )
             records = read_records(work / "refine.jsonl")  # may hold samples a changed pool no longer has
             summary |= refine_counts({s.id: records[s.id] for s in chosen})
+        summary["trained"] = dict(Counter(example.kind for example in examples))  # after refine's weighing
         tmp = work / "examples.jsonl.tmp"
         with tmp.open("w") as sink:
             for example in examples:

@@ -8,11 +8,12 @@
   to change a value it has no reason to doubt (on BFCL, often one of the accepted values): such a near miss is kept
   only when a refinement is exactly right.
 A1 comes from the answers sampled in selection (every distinct wrong one is a candidate), so the data follows the
-model's own mistakes.
+model's own mistakes. `RefineConfig.keep_answers` and `no_call_fix_fraction` set how keeping and changing are weighed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ async def build_refine_examples(
 
     async def one(sample: Sample) -> dict[str, Any]:
         answers = [a.strip() for a in selection[sample.id]["answers"]]
-        right = [a for a in answers if answer_matches(a, sample.ground_truth, 0)]
+        right = right_answers(sample, answers)
         wrong = list({canonical(a): a for a in reversed(answers) if a not in right}.values())[::-1]
         wrong = wrong[: config.max_fixes]  # the first ones the model wrote (None: every one)
         fixes = []
@@ -114,7 +115,12 @@ async def build_refine_examples(
         desc=f"refine it{iteration}",
         progress=progress,
     )
-    return refine_examples(selected, records, fmt)
+    return refine_examples(selected, records, fmt, config, selection)
+
+
+def right_answers(sample: Sample, answers: Sequence[str]) -> list[str]:
+    """The answers that exactly match the ground truth, in the order they were sampled."""
+    return [a for a in answers if answer_matches(a, sample.ground_truth, 0)]
 
 
 def fix_reached(first: str, refined: Sequence[str], sample: Sample, max_differing_values: int) -> bool:
@@ -124,23 +130,55 @@ def fix_reached(first: str, refined: Sequence[str], sample: Sample, max_differin
 
 
 def refine_examples(
-    selected: Sequence[Sample], records: Mapping[str, Mapping[str, Any]], fmt: PromptFormat
+    selected: Sequence[Sample],
+    records: Mapping[str, Mapping[str, Any]],
+    fmt: PromptFormat,
+    config: RefineConfig | None = None,
+    selection: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Example]:
-    """The examples a refine step's records make: keep-your-answer ones, and the fixes that were kept."""
+    """The examples a refine step's records make: keep-your-answer ones (up to `config.keep_answers` distinct right
+    answers of a calling sample, from `selection`'s answers), and the fixes that were kept (those into words only for
+    `config.no_call_fix_fraction` of the samples)."""
+    config = config or RefineConfig()
     by_id = {s.id: s for s in selected}
     examples = []
     for sid, record in records.items():
         sample = by_id[sid]
-        if record["stop"] is not None:
-            # A sample with nothing to call "matches" any answer without a readable call, a garbled one included:
-            # its keep example shows and teaches its own target (the decline, or the answer in words), not that text.
-            kept = record["stop"] if sample.ground_truth else sample.target(fmt)
-            examples.append(Example.of(f"{sid}#keep", refine_prompt(sample, kept, fmt), kept, "refine_stop"))
+        for index, kept in enumerate(_kept_answers(sample, record, fmt, config.keep_answers, selection)):
+            suffix = "" if index == 0 else str(index)
+            examples.append(Example.of(f"{sid}#keep{suffix}", refine_prompt(sample, kept, fmt), kept, "refine_stop"))
+        if not sample.ground_truth and _hash_fraction("no-call-fix", sid) >= config.no_call_fix_fraction:
+            continue
         for index, fix in enumerate(record["fixes"]):
             if fix["kept"]:
                 context = refine_prompt(sample, fix["first"], fmt)
                 examples.append(Example.of(f"{sid}#fix{index}", context, sample.target(fmt), "refine_fix"))
     return examples
+
+
+def _kept_answers(
+    sample: Sample,
+    record: Mapping[str, Any],
+    fmt: PromptFormat,
+    count: int,
+    selection: Mapping[str, Mapping[str, Any]] | None,
+) -> list[str]:
+    if record["stop"] is None:
+        return []
+    if not sample.ground_truth:
+        # A sample with nothing to call "matches" any answer without a readable call, a garbled one included:
+        # its keep example shows and teaches its own target (the decline, or the answer in words), not that text.
+        return [sample.target(fmt)]
+    answers = [a.strip() for a in selection[sample.id]["answers"]] if selection and count > 1 else []
+    distinct = {canonical(record["stop"]): record["stop"]}
+    for answer in right_answers(sample, answers):
+        distinct.setdefault(canonical(answer), answer)
+    return list(distinct.values())[:count]
+
+
+def _hash_fraction(salt: str, key: str) -> float:
+    """A number in [0, 1) that depends only on `salt` and `key`: a seeded choice stable across runs and machines."""
+    return int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:8], 16) / 2**32
 
 
 def refine_counts(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:

@@ -78,6 +78,7 @@ def test_resume_after_a_crash_redoes_nothing_finished(scripted, tmp_path: Path) 
         "refine_stop": 6,
         "refine_fix": 0,
         "refine_fix_rejected": 0,
+        "trained": {"direct": 6, "refine_stop": 6},
     }
     assert manifest["iterations"][0]["heldout"] == {"n": 2, "exact": 1.0, "approx": 1.0}
     out = tmp_path / "adapters" / "loop-test"

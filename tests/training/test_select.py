@@ -8,7 +8,7 @@ from pathlib import Path
 
 from server.prompts import REFINE_PROMPT, PromptFormat
 from training.config import RefineConfig, SelectionConfig
-from training.data import NO_CALL_ANSWER
+from training.data import NO_CALL_ANSWER, GroundTruthCall
 from training.refine_data import build_refine_examples, refine_counts, refine_examples
 from training.resumable import read_records
 from training.select import select
@@ -117,3 +117,28 @@ def test_a_declining_sample_keeps_its_own_target_not_the_models_text(scripted, m
         keep, fix = refine_examples([sample], records, fmt)
         assert keep.target == NO_CALL_ANSWER and keep.messages[-2]["content"] == NO_CALL_ANSWER
         assert fix.target == NO_CALL_ANSWER and fix.messages[-2]["content"] == RIGHT
+
+
+def test_keeping_and_changing_are_weighed_by_the_refine_config(make_sample) -> None:  # noqa: ANN001
+    """keep_answers: distinct right answers of a calling sample become keep examples (the same call written twice is
+    one); no_call_fix_fraction: the share of samples with nothing to call whose fixes (into the decline) are kept."""
+    alike = RIGHT.replace("'Paris'", '"Paris"')  # the same call as RIGHT, written another way
+    other = "[get_weather(city='Paris, France')]"  # another acceptable value: a second right answer
+    truth = (GroundTruthCall("get_weather", {"city": ("Paris", "Paris, France")}),)
+    sample = dataclasses.replace(make_sample("call"), ground_truth=truth)
+    selection = {"call": {"answers": [RIGHT, alike, WRONG, other, CLOSE]}}
+    records = {"call": {"stop": RIGHT, "fixes": []}}
+    two = refine_examples([sample], records, PromptFormat.PYTHONIC, RefineConfig(keep_answers=3), selection)
+    assert [(e.id, e.target, e.messages[-2]["content"]) for e in two] == [
+        ("call#keep", RIGHT, RIGHT),
+        ("call#keep1", other, other),
+    ]
+    assert [e.id for e in refine_examples([sample], records, PromptFormat.PYTHONIC, None, selection)] == ["call#keep"]
+
+    declining = [dataclasses.replace(make_sample(f"none{i}"), ground_truth=()) for i in range(200)]
+    fixes = {s.id: {"stop": None, "fixes": [{"first": RIGHT, "kept": True, "answers": []}]} for s in declining}
+    every = refine_examples(declining, fixes, PromptFormat.PYTHONIC)
+    half = refine_examples(declining, fixes, PromptFormat.PYTHONIC, RefineConfig(no_call_fix_fraction=0.5))
+    assert len(every) == 200 and 70 < len(half) < 130
+    assert {e.id for e in half} < {e.id for e in every}
+    assert half == refine_examples(declining, fixes, PromptFormat.PYTHONIC, RefineConfig(no_call_fix_fraction=0.5))
