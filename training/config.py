@@ -92,6 +92,9 @@ class SFTConfig:
     # fp32 weights; "bf16": bf16 autocast; "no": plain fp32; "auto": bf16 where the device computes it natively
     mixed_precision: str = "auto"
     checkpoint_every_steps: int = 5  # optimizer steps between resumable checkpoints
+    # One row per sample: its direct and refine examples share the prompt, computed once (training/sft.py). The same
+    # loss over the same tokens; the batches differ (a global batch holds whole samples).
+    share_prefixes: bool = False
     seed: int = 0
 
 

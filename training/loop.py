@@ -37,6 +37,7 @@ STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 PLOT_FILE = "progress.png"
 TRAINED_ON_FILE = "trained_on.sha256"  # sha256 of the examples.jsonl an iteration's SFT (and its checkpoint) trained on
+# (and " share_prefixes" when it packed them)
 MANIFEST_FORMAT = "toolace-r-adapter/1"
 # Fields that may change between a crash and its resume without invalidating what was done.
 _RESUMABLE_CHANGES = {
@@ -57,6 +58,8 @@ _RESUMABLE_CHANGES = {
     # Gradient accumulation sums the same per-token losses whatever the micro batch: lowering it after an
     # out-of-memory kill changes memory, not the result (up to float summation order).
     "sft.micro_batch_size",
+    # The same loss over the same tokens; an SFT in progress restarts when it changes (`TRAINED_ON_FILE`).
+    "sft.share_prefixes",
     # The same computation at the precision this machine runs fastest (bfloat16 only where the CPU has it natively):
     # sessions land on different CPUs, and samples or steps already made stay valid.
     "model.generate_dtype",
@@ -306,7 +309,9 @@ class Run:
         done_file = work / "train_result.json"  # written after the adapter: a crash right after keeps it
         # What this iteration trained (or began to: the checkpoint) is reused only when it trained on these very
         # examples; a redone iteration (new data, same directory) starts its SFT over.
-        stamp, digest = work / TRAINED_ON_FILE, model_store.file_sha256(examples_file)
+        # Packed rows train the same loss in other batches: switching sft.share_prefixes restarts this SFT too.
+        packing = " share_prefixes" if self.config.sft.share_prefixes else ""
+        stamp, digest = work / TRAINED_ON_FILE, model_store.file_sha256(examples_file) + packing
         if self.dist.is_main_process and (not stamp.exists() or stamp.read_text().strip() != digest):
             done_file.unlink(missing_ok=True)
             shutil.rmtree(work / "train", ignore_errors=True)

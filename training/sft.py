@@ -5,6 +5,11 @@ GPUs under `accelerate launch` / `torchrun` (DDP; each process takes its share o
 
 The loss covers the final assistant turn only: every earlier token (system prompt, question, the model's own first
 answer in a refine example, the refine prompt) has the label -100.
+
+With `sft.share_prefixes`, the examples made from one sample (its direct answer, its keep and fix examples) are one
+row: their common prompt once, then each example's remainder as a branch that attends to the prompt and to itself
+only (a tree attention mask, positions restarting after the prompt). The loss is the same sum over the same tokens;
+the prompt, which the refine examples repeat, is computed once.
 """
 
 from __future__ import annotations
@@ -34,10 +39,48 @@ CHECKPOINT = "checkpoint"  # the rolling resumable checkpoint inside the work di
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX everywhere but the final assistant turn
+    # A packed row (`pack`): the shared prompt's length and the lengths of the branches after it. () = one sequence.
+    prefix: int = 0
+    branches: tuple[int, ...] = ()
+    examples: int = 1
 
     @property
     def completion_length(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+    def positions(self) -> list[int]:
+        """Position ids: each branch continues from the end of the shared prompt."""
+        if not self.branches:
+            return list(range(len(self.input_ids)))
+        return list(range(self.prefix)) + [self.prefix + i for n in self.branches for i in range(n)]
+
+    def visible(self) -> torch.Tensor:
+        """[n, n] bool: which tokens each token attends to (causal; a branch sees the prompt and itself only)."""
+        n = len(self.input_ids)
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        start = self.prefix
+        for length in self.branches:
+            mask[start + length :, start : start + length] = False  # later branches do not see this one
+            start += length
+        return mask
+
+
+def pack(rows: Sequence[Encoded]) -> Encoded:
+    """Rows that begin with the same prompt as one row: the common prefix (up to the first trained token of any of
+    them, so no label is shared) once, then each row's remainder as a branch."""
+    if len(rows) == 1:
+        return rows[0]
+    limit = min(len(r.input_ids) - r.completion_length for r in rows)  # labels are one span at the end
+    prefix = 0
+    while prefix < limit and len({r.input_ids[prefix] for r in rows}) == 1:
+        prefix += 1
+    return Encoded(
+        rows[0].input_ids[:prefix] + [t for r in rows for t in r.input_ids[prefix:]],
+        rows[0].labels[:prefix] + [t for r in rows for t in r.labels[prefix:]],
+        prefix,
+        tuple(len(r.input_ids) - prefix for r in rows),
+        len(rows),
+    )
 
 
 def encode_example(
@@ -68,11 +111,22 @@ def encode_example(
     return Encoded(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids)
 
 
-def plan_batches(lengths: Sequence[int], global_batch_size: int, seed: int) -> list[list[int]]:
-    """Shuffled global batches of example indices (the last one may be smaller)."""
+def plan_batches(
+    lengths: Sequence[int], global_batch_size: int, seed: int, sizes: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Shuffled global batches of row indices holding `global_batch_size` examples each (a packed row holds
+    `sizes[i]` of them; a batch may then hold a few more); the last batch may be smaller."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    return [order[i : i + global_batch_size] for i in range(0, len(order), global_batch_size)]
+    batches: list[list[int]] = [[]]
+    held = 0
+    for i in order:
+        if held >= global_batch_size:
+            batches.append([])
+            held = 0
+        batches[-1].append(i)
+        held += sizes[i] if sizes else 1
+    return batches if batches[0] else []
 
 
 def micro_batches(batch: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
@@ -82,33 +136,47 @@ def micro_batches(batch: Sequence[int], lengths: Sequence[int], size: int) -> li
 
 
 def collate(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left padding: every answer ends at the last position, so the logits needed are the last few only."""
+    """Left padding: every answer ends at the last position, so the logits needed are the last few only. Packed
+    rows get a 4D attention mask (their tree) and `logit_index`, the positions whose logits the loss needs."""
     width = max(len(r.input_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row.input_ids)
         input_ids[i, width - n :] = torch.tensor(row.input_ids)
         labels[i, width - n :] = torch.tensor(row.labels)
         attention[i, width - n :] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
+        positions[i, width - n :] = torch.tensor(row.positions())
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
+    if any(row.branches for row in rows):
+        tree = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself: no NaN rows
+        for i, row in enumerate(rows):
+            n = len(row.input_ids)
+            tree[i, width - n :, width - n :] = row.visible()
+        batch["attention_mask"] = tree[:, None]
+        batch["logit_index"] = ((labels[:, 1:] != IGNORE_INDEX).any(0)).nonzero().flatten()
+    return batch
 
 
 def completion_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], keep: int) -> torch.Tensor:
-    """Summed cross-entropy over the label tokens, computing logits for the last `keep` positions only
-    (the vocabulary projection over the whole prompt would cost more than it is worth)."""
+    """Summed cross-entropy over the label tokens, computing logits for the last `keep` positions only (the
+    vocabulary projection over the whole prompt would cost more than it is worth), or at `logit_index` (packed rows)."""
+    index = batch.get("logit_index")
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
-        logits_to_keep=keep,
+        logits_to_keep=keep if index is None else index,
         use_cache=False,
     ).logits
-    labels = batch["labels"][:, -(keep - 1) :]
+    if index is None:
+        logits, labels = logits[:, :-1], batch["labels"][:, -(keep - 1) :]
+    else:
+        labels = batch["labels"][:, index + 1]  # the logits at position p predict the token at p + 1
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        logits.float().reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
@@ -160,14 +228,17 @@ def train_lora(
     precision = _mixed_precision(config.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     set_seed(seed)
-    rows, pad_id = _encode(base_dir, examples, config.max_seq_len)
-    lengths = [len(r.input_ids) for r in rows]
+    rows, pad_id = _encode(base_dir, examples, config.max_seq_len, config.share_prefixes)
+    lengths, sizes = [len(r.input_ids) for r in rows], [r.examples for r in rows]
     model = _lora_model(base_dir, config, init_adapter, base_model_name)
-    schedule = [b for e in range(config.epochs) for b in plan_batches(lengths, config.global_batch_size, seed + e)]
+    schedule = [
+        b for e in range(config.epochs) for b in plan_batches(lengths, config.global_batch_size, seed + e, sizes)
+    ]
     total = len(schedule)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(params, config, total)
-    result = TrainResult(len(rows), len(examples) - len(rows), total, sum(r.completion_length for r in rows))
+    trained = sum(sizes)
+    result = TrainResult(trained, len(examples) - trained, total, sum(r.completion_length for r in rows))
     checkpoint = work_dir / CHECKPOINT
     start = _resume(checkpoint, model, optimizer, scheduler, result)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -199,13 +270,20 @@ def train_lora(
     return result
 
 
-def _encode(base_dir: Path, examples: Sequence[Example], max_seq_len: int) -> tuple[list[Encoded], int]:
-    """The examples that fit `max_seq_len`, tokenized, and the padding token's id."""
+def _encode(
+    base_dir: Path, examples: Sequence[Example], max_seq_len: int, share_prefixes: bool = False
+) -> tuple[list[Encoded], int]:
+    """The examples that fit `max_seq_len`, tokenized (packed per sample with `share_prefixes`: examples whose ids
+    share the part before `#`), and the padding token's id."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    encoded = (encode_example(tokenizer, e.messages, e.target, max_seq_len, e.tools) for e in examples)
-    rows = [row for row in encoded if row is not None]
+    groups: dict[str, list[Encoded]] = {}
+    for e in examples:
+        row = encode_example(tokenizer, e.messages, e.target, max_seq_len, e.tools)
+        if row is not None:
+            groups.setdefault(e.id.split("#")[0] if share_prefixes else e.id, []).append(row)
+    rows = [pack(group) for group in groups.values()] if share_prefixes else [r for g in groups.values() for r in g]
     if not rows:
         raise ValueError("no training example fits sft.max_seq_len")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -277,7 +355,7 @@ def _accumulate(accelerator: Any, model: Any, micros: list[list[Encoded]], label
     step_loss = torch.zeros(())
     for j, micro in enumerate(micros):
         tensors = {k: v.to(accelerator.device) for k, v in collate(micro, pad_id).items()}
-        keep = max(row.completion_length for row in micro) + 1
+        keep = max(row.completion_length for row in micro) + 1  # ignored for packed rows (their logit_index)
         sync = nullcontext() if j == len(micros) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
             loss_sum = completion_loss_sum(model, tensors, keep)

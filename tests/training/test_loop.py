@@ -145,3 +145,7 @@ def test_an_iteration_redone_on_other_examples_trains_again(scripted, tmp_path: 
     assert len(trained) == 2, "other examples: trained again"
     assert not (work / "train" / "checkpoint").exists(), "the old examples' checkpoint is not resumed"
     assert json.loads((work / "train_result.json").read_text())["examples"] == len(examples) - 1
+    # the same examples packed (sft.share_prefixes: other batches): a resumable change that trains again
+    config.sft.share_prefixes = True
+    redo(examples[:-1])
+    assert len(trained) == 3 and not (work / "train" / "checkpoint").exists()

@@ -12,6 +12,8 @@ from training.config import SFTConfig
 from training.refine_data import Example
 from training.sft import IGNORE_INDEX, collate, encode_example, micro_batches, plan_batches, train_lora
 
+REFINE_PROMPT_TURN = {"role": "user", "content": REFINE_PROMPT}
+
 
 @pytest.fixture(scope="module")
 def tokenizer(smol_dir: Path):  # noqa: ANN201
@@ -97,3 +99,50 @@ def test_training_resumes_from_its_checkpoint(smol_dir: Path, tmp_path: Path) ->
     assert len(result.losses) == 3
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "work" / "checkpoint").exists()
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(smol_dir: Path, tokenizer) -> None:  # noqa: ANN001
+    """sft.share_prefixes: a sample's direct, keep and fix examples as one row (the prompt once, a branch each) must
+    train exactly what the three rows train alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.sft import completion_loss_sum, pack
+
+    question = [{"role": "system", "content": "You call functions."}, {"role": "user", "content": "Weather in Paris?"}]
+    right, wrong = "[get_weather(city='Paris')]", "[get_time(city='Paris')]"
+    rows = [
+        encode_example(tokenizer, question, right),
+        encode_example(tokenizer, [*question, {"role": "assistant", "content": right}, REFINE_PROMPT_TURN], right),
+        encode_example(tokenizer, [*question, {"role": "assistant", "content": wrong}, REFINE_PROMPT_TURN], right),
+    ]
+    assert all(rows)
+    packed = pack(rows)  # type: ignore[arg-type]
+    assert packed.examples == 3 and len(packed.branches) == 3
+    assert len(packed.input_ids) < sum(len(r.input_ids) for r in rows)  # type: ignore[union-attr]
+    assert packed.completion_length == sum(r.completion_length for r in rows)  # type: ignore[union-attr]
+
+    model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+
+    def loss_and_grad(batches: list[dict[str, torch.Tensor]], keeps: list[int]) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        total = sum(completion_loss_sum(model, b, k) for b, k in zip(batches, keeps, strict=True))
+        total.backward()  # type: ignore[union-attr]
+        return float(total.detach()), weight.grad.clone()  # type: ignore[union-attr]
+
+    alone = loss_and_grad([collate([r], 0) for r in rows], [r.completion_length + 1 for r in rows])  # type: ignore[union-attr]
+    together = loss_and_grad([collate([packed, rows[0]], 0)], [0])  # type: ignore[list-item]
+    # the batch also holds the direct example alone (left-padded beside the packed row): counted twice
+    direct = loss_and_grad([collate([rows[0]], 0)], [rows[0].completion_length + 1])  # type: ignore[union-attr]
+    assert together[0] == pytest.approx(alone[0] + direct[0], rel=1e-4)
+    difference = (together[1] - alone[1] - direct[1]).abs().max() / together[1].abs().max()
+    assert difference < 1e-3, float(difference)  # float32 summation order: left padding alone moves it ~2e-4
+
+
+def test_batches_of_packed_rows_hold_the_global_batch_in_examples() -> None:
+    batches = plan_batches([10] * 6, 4, seed=0, sizes=[3, 1, 2, 1, 1, 3])
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    sizes = [3, 1, 2, 1, 1, 3]
+    assert all(sum(sizes[i] for i in b) >= 4 for b in batches[:-1])
+    assert all(sum(sizes[i] for i in b[:-1]) < 4 for b in batches)
