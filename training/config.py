@@ -69,8 +69,8 @@ class RefineConfig:
     # keeping a right call against changing it: run 4's iteration 2 had 158 call keeps beside 75 fixes that turn a call
     # into words, and refinement then turned right calls into declines on BFCL (RESULTS.md).
     keep_answers: int = 1
-    # The share of kept fixes into words (a decline, or an answer after a tool result) that is trained on, chosen by a
-    # hash of the sample id; fixes into a call are all kept.
+    # The share of samples with nothing to call whose kept fixes (a call into the decline, or into the answer after a
+    # tool result) are trained on, chosen by a hash of the sample id; fixes into a call are all trained on.
     no_call_fix_fraction: float = 1.0
 
 

@@ -36,8 +36,8 @@ log = logging.getLogger("training")
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 PLOT_FILE = "progress.png"
-TRAINED_ON_FILE = "trained_on.sha256"  # sha256 of the examples.jsonl an iteration's SFT (and its checkpoint) trained on
-# (and " share_prefixes" when it packed them)
+# What an iteration's SFT (and its checkpoint) trained on: its examples.jsonl's sha256, plus " share_prefixes" if packed
+TRAINED_ON_FILE = "trained_on.sha256"
 MANIFEST_FORMAT = "toolace-r-adapter/1"
 # Fields that may change between a crash and its resume without invalidating what was done.
 _RESUMABLE_CHANGES = {

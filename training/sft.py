@@ -66,11 +66,12 @@ class Encoded:
 
 
 def pack(rows: Sequence[Encoded]) -> Encoded:
-    """Rows that begin with the same prompt as one row: the common prefix (up to the first trained token of any of
-    them, so no label is shared) once, then each row's remainder as a branch."""
+    """Rows that begin with the same prompt as one row: the common prefix once, then each row's remainder as a
+    branch. The prefix ends before the token ahead of any row's first label: no label is shared, and every label is
+    predicted from a token of its own branch (a branch's first token follows another branch in the packed row)."""
     if len(rows) == 1:
         return rows[0]
-    limit = min(len(r.input_ids) - r.completion_length for r in rows)  # labels are one span at the end
+    limit = min(len(r.input_ids) - r.completion_length for r in rows) - 1  # labels are one span at the end
     prefix = 0
     while prefix < limit and len({r.input_ids[prefix] for r in rows}) == 1:
         prefix += 1

@@ -138,6 +138,9 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(smol_dir: Path
     assert together[0] == pytest.approx(alone[0] + direct[0], rel=1e-4)
     difference = (together[1] - alone[1] - direct[1]).abs().max() / together[1].abs().max()
     assert difference < 1e-3, float(difference)  # float32 summation order: left padding alone moves it ~2e-4
+    # in any order: the direct answer's first token is predicted from the prompt, not from another branch's end
+    reordered = pack(rows[::-1])  # type: ignore[arg-type]
+    assert loss_and_grad([collate([reordered], 0)], [0])[0] == pytest.approx(alone[0], rel=1e-4)
 
 
 def test_batches_of_packed_rows_hold_the_global_batch_in_examples() -> None:
