@@ -149,3 +149,17 @@ def test_batches_of_packed_rows_hold_the_global_batch_in_examples() -> None:
     sizes = [3, 1, 2, 1, 1, 3]
     assert all(sum(sizes[i] for i in b) >= 4 for b in batches[:-1])
     assert all(sum(sizes[i] for i in b[:-1]) < 4 for b in batches)
+
+
+def test_training_on_packed_rows_counts_examples_not_rows(smol_dir: Path, tmp_path: Path) -> None:
+    """share_prefixes end to end: 3 samples x (direct + a refine example) are 3 rows; a global batch of 2 examples
+    is one row per step, and every example is counted as trained."""
+    examples = []
+    for e in _examples(3):
+        refine = (*e.messages, {"role": "assistant", "content": e.target}, REFINE_PROMPT_TURN)
+        examples += [e, Example(f"{e.id}#keep", refine, e.target, "refine_stop")]
+    config = SFTConfig(global_batch_size=2, micro_batch_size=1, share_prefixes=True, learning_rate=1e-3)
+    result = train_lora(smol_dir, examples, config, tmp_path / "out", tmp_path / "work", progress=False)
+    assert (result.examples, result.dropped, result.steps) == (6, 0, 3)
+    assert len(result.losses) == 3 and all(loss > 0 for loss in result.losses)
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
