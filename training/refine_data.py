@@ -13,7 +13,6 @@ model's own mistakes. `RefineConfig.keep_answers` and `no_call_fix_fraction` set
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +146,7 @@ def refine_examples(
         for index, kept in enumerate(_kept_answers(sample, record, fmt, config.keep_answers, selection)):
             suffix = "" if index == 0 else str(index)
             examples.append(Example.of(f"{sid}#keep{suffix}", refine_prompt(sample, kept, fmt), kept, "refine_stop"))
-        if not sample.ground_truth and _hash_fraction("no-call-fix", sid) >= config.no_call_fix_fraction:
+        if not sample.ground_truth and sample_seed("no-call-fix", sid) / 2**32 >= config.no_call_fix_fraction:
             continue
         for index, fix in enumerate(record["fixes"]):
             if fix["kept"]:
@@ -174,11 +173,6 @@ def _kept_answers(
     for answer in right_answers(sample, answers):
         distinct.setdefault(canonical(answer), answer)
     return list(distinct.values())[:count]
-
-
-def _hash_fraction(salt: str, key: str) -> float:
-    """A number in [0, 1) that depends only on `salt` and `key`: a seeded choice stable across runs and machines."""
-    return int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:8], 16) / 2**32
 
 
 def refine_counts(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:

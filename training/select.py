@@ -19,9 +19,10 @@ from training.matching import answer_matches
 from training.resumable import map_resumable
 
 
-def sample_seed(base: int, *parts: object) -> int:
-    """A per-sample seed that depends on the run's seed and the sample, not on scheduling order."""
-    digest = hashlib.sha256(":".join(map(str, (base, *parts))).encode()).hexdigest()
+def sample_seed(*parts: object) -> int:
+    """A per-sample number in [0, 2**32) that depends only on its parts (the run's seed, the step, the sample), not on
+    scheduling order."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
     return int(digest[:8], 16)
 
 

@@ -279,12 +279,14 @@ def _encode(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    groups: dict[str, list[Encoded]] = {}
-    for e in examples:
-        row = encode_example(tokenizer, e.messages, e.target, max_seq_len, e.tools)
-        if row is not None:
-            groups.setdefault(e.id.split("#")[0] if share_prefixes else e.id, []).append(row)
-    rows = [pack(group) for group in groups.values()] if share_prefixes else [r for g in groups.values() for r in g]
+    encoded = ((e.id, encode_example(tokenizer, e.messages, e.target, max_seq_len, e.tools)) for e in examples)
+    fitting = [(example_id, row) for example_id, row in encoded if row is not None]
+    rows = [row for _, row in fitting]
+    if share_prefixes:
+        groups: dict[str, list[Encoded]] = {}
+        for example_id, row in fitting:
+            groups.setdefault(example_id.split("#")[0], []).append(row)
+        rows = [pack(group) for group in groups.values()]
     if not rows:
         raise ValueError("no training example fits sft.max_seq_len")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -144,9 +144,9 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(smol_dir: Path
 
 
 def test_batches_of_packed_rows_hold_the_global_batch_in_examples() -> None:
-    batches = plan_batches([10] * 6, 4, seed=0, sizes=[3, 1, 2, 1, 1, 3])
-    assert sorted(i for b in batches for i in b) == list(range(6))
     sizes = [3, 1, 2, 1, 1, 3]
+    batches = plan_batches([10] * 6, 4, seed=0, sizes=sizes)
+    assert sorted(i for b in batches for i in b) == list(range(6))
     assert all(sum(sizes[i] for i in b) >= 4 for b in batches[:-1])
     assert all(sum(sizes[i] for i in b[:-1]) < 4 for b in batches)
 
