@@ -216,12 +216,19 @@ class Run:
         tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         data = load_data(cfg, tokenizer)
         followups = self.state.get("data", {}).get("followups")  # counted once, when they were made
+        heldout_sha = hashlib.sha256("\n".join(s.id for s in data.heldout).encode()).hexdigest()
+        if self.state.get("data", {}).get("heldout_ids_sha256", heldout_sha) != heldout_sha:
+            # A loader changed between sessions can move the held-out slice: the old scores are of other questions.
+            log.info("the held-out slice changed: its scores are computed again")
+            self.state.pop("baseline", None)
+            for it in self.state["iterations"]:
+                it.pop("heldout", None)
         self.state["data"] = {
             "train_pool": len(data.train),
             "heldout": len(data.heldout),
             "dropped_too_long": data.dropped_too_long,
             "train_per_source": data.per_source,
-            "heldout_ids_sha256": hashlib.sha256("\n".join(s.id for s in data.heldout).encode()).hexdigest(),
+            "heldout_ids_sha256": heldout_sha,
         } | ({"followups": followups} if followups else {})
         log.info(
             "data: %d to select from, %d held out, %d dropped (prompt too long)",
@@ -248,7 +255,7 @@ class Run:
         for t in range(1, cfg.loop.max_iterations + 1):
             it = self._iteration(t)
             if it.get("done"):
-                previous = it
+                previous = self._heldout(t, data)  # scored again if its score was of an old held-out slice
                 continue
             if it.get("stopped"):
                 return
@@ -289,15 +296,20 @@ class Run:
             self._commit()
             it = self._iteration(t)
 
-        if "heldout" not in it:
-            it["heldout"] = self._main_only(lambda: self._evaluate(data.heldout, Path(it["adapter"]), f"iter_{t}"))
-            self._commit()
-            it = self._iteration(t)
+        it = self._heldout(t, data)
         log.info("iteration %d: held-out %s (baseline %s)", t, it["heldout"], self.state["baseline"])
         it["done"] = True
         self._save_state()
         if self.dist.is_main_process:
             self._plot()
+
+    def _heldout(self, t: int, data: RunData) -> dict[str, Any]:
+        """Iteration `t` with its adapter's held-out score, evaluated unless it is there."""
+        it = self._iteration(t)
+        if "heldout" not in it:
+            it["heldout"] = self._main_only(lambda: self._evaluate(data.heldout, Path(it["adapter"]), f"iter_{t}"))
+            self._commit()
+        return self._iteration(t)
 
     def _train_step(self, t: int, it: dict[str, Any], adapter: Path | None, work: Path) -> None:
         from server import model_store

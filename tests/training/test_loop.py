@@ -149,3 +149,23 @@ def test_an_iteration_redone_on_other_examples_trains_again(scripted, tmp_path: 
     config.sft.share_prefixes = True
     redo(examples[:-1])
     assert len(trained) == 3 and not (work / "train" / "checkpoint").exists()
+
+
+def test_scores_of_an_old_held_out_slice_are_computed_again(scripted, tmp_path: Path) -> None:  # noqa: ANN001
+    """A change in how sources load (code, not config) can move the held-out slice; the baseline and every
+    iteration's held-out score then belong to other questions and are computed again on resume."""
+    engine = _oracle_engine(scripted)
+    config = _config(tmp_path)
+    config.loop.max_iterations = 1
+    train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+    state_file = tmp_path / "run" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["data"]["heldout_ids_sha256"] = "0" * 64  # as if the slice had been other samples
+    state["baseline"] = state["iterations"][0]["heldout"] = {"n": 2, "exact": 0.0, "approx": 0.0}
+    state_file.write_text(json.dumps(state))
+    for path in (tmp_path / "run").rglob("heldout.jsonl"):
+        path.unlink()  # the old slice's answers: kept records would be reused for the same ids
+    calls = len(engine.calls)
+    manifest = train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+    assert len(engine.calls) - calls == 2 + 2  # the baseline and iteration 1, 2 greedy answers each
+    assert manifest["baseline"] == manifest["iterations"][0]["heldout"] == {"n": 2, "exact": 1.0, "approx": 1.0}
