@@ -7,7 +7,10 @@
 - `composed_parallel`: two single-call questions asked as one, both calls in the answer (parallel when they call the
   same function, parallel multiple when not): the training sources hold few parallel samples; optionally with
   distractor tools, so that "call every offered tool" does not fit them all;
-- `shuffled_tools`: the offered tools in a seeded order, so that position says nothing about which one to call.
+- `shuffled_tools`: the offered tools in a seeded order, so that position says nothing about which one to call;
+- `in_percent`: a sample that passes a stated "4%" as the fraction 0.04, again with the parameter described "in
+  percentage" and 4 as the answer: BFCL's tools ask for either convention (`"Interest rate in percentage."` beside
+  `"The annual interest rate (as a decimal)."` in one question), while the training sources only ever pass fractions.
 
 Every function is deterministic in the sample ids and its salt.
 """
@@ -15,9 +18,11 @@ Every function is deterministic in the sample ids and its salt.
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -173,3 +178,87 @@ def _lower_first(text: str) -> str:
     text = text.strip()
     # keep acronyms and names ("NYC", "I") as they are
     return text[0].lower() + text[1:] if len(text) > 1 and text[0].isupper() and text[1].islower() else text
+
+
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:%|percent\b)")
+_SHARE = re.compile(r"rate|probabilit|percent|porcentaje|decimal|fraction|0 to 1|between 0 and 1", re.IGNORECASE)
+# How the sources say a parameter is a fraction: dropped from the twin's description.
+_AS_FRACTION = re.compile(
+    r"\s*(\(as a decimal\)|as a decimal|,? ranging from 0 to 1|,? between 0 and 1)", re.IGNORECASE
+)
+
+
+def in_percent(samples: Sequence[Sample]) -> list[Sample]:
+    """For each sample whose calls pass percentages its question states ("4%") as fractions (0.04), a twin in which
+    those parameters are described "in percentage" and take the numbers as stated; its id ends in `~percent`. Only
+    plain number arguments with one acceptable value are rewritten, and only samples where every call of a function
+    converts the same parameters (a description is the function's, so no call may keep a fraction under it)."""
+    out = []
+    for sample in samples:
+        stated = [float(p) for p in _PERCENT.findall(sample.query)]
+        shares = _shares(sample)
+        percents = [
+            {
+                key: percent
+                for key, values in call.arguments.items()
+                if (call.name, key) in shares and (percent := _as_stated(values, stated)) is not None
+            }
+            for call in sample.ground_truth
+        ]
+        converted: dict[str, set[frozenset[str]]] = defaultdict(set)  # function -> the parameter sets its calls convert
+        for call, found in zip(sample.ground_truth, percents, strict=True):
+            converted[call.name].add(frozenset(found))
+        if not any(percents) or any(len(sets) > 1 for sets in converted.values()):
+            continue
+        parameters = {name: next(iter(sets)) for name, sets in converted.items()}
+        tools = tuple(
+            _described_in_percent(tool, parameters.get(tool["function"]["name"], frozenset())) for tool in sample.tools
+        )
+        truth = tuple(
+            GroundTruthCall(
+                call.name, {key: (found[key],) if key in found else values for key, values in call.arguments.items()}
+            )
+            for call, found in zip(sample.ground_truth, percents, strict=True)
+        )
+        twin = replace(
+            sample, id=f"{sample.id}~percent", source=f"{sample.source}:percent", tools=tools, ground_truth=truth
+        )
+        out.append(twin)
+    return out
+
+
+def _shares(sample: Sample) -> set[tuple[str, str]]:
+    """(function, parameter) of the parameters described as a rate or a share: a time window of 0.5 seconds is
+    neither, even in a question that states "50%" about something else."""
+    return {
+        (tool["function"]["name"], name)
+        for tool in sample.tools
+        for name, spec in ((tool["function"].get("parameters") or {}).get("properties") or {}).items()
+        if _SHARE.search(str(spec.get("description") or ""))
+    }
+
+
+def _as_stated(values: Sequence[Any], stated: Sequence[float]) -> float | int | None:
+    """The stated percentage that `values` (one acceptable value, a fraction) writes as a fraction, if any."""
+    value = values[0] if len(values) == 1 else None
+    if not isinstance(value, float) or not 0 < value < 1:
+        return None
+    percent = next((p for p in stated if math.isclose(value * 100, p, abs_tol=1e-9)), None)
+    return None if percent is None else int(percent) if percent.is_integer() else percent
+
+
+def _described_in_percent(tool: dict[str, Any], parameters: Collection[str]) -> dict[str, Any]:
+    if not parameters:
+        return tool
+    function = dict(tool["function"])
+    schema = dict(function["parameters"])
+    properties = dict(schema["properties"])
+    for name in parameters:
+        spec = dict(properties[name])
+        first = str(spec.get("description") or name.replace("_", " ")).split(". ")[0].rstrip(". ")
+        spec["description"] = _AS_FRACTION.sub("", first) + " in percentage (5 for 5%)."
+        spec.pop("maximum", None)  # a fraction's bound (1), if the schema had one
+        properties[name] = spec
+    schema["properties"] = properties
+    function["parameters"] = schema
+    return {**tool, "function": function}

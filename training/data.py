@@ -329,12 +329,13 @@ def load_chat_jsonl(path: str | Path, *, source: str | None = None) -> list[Samp
 def load_source(spec: Mapping[str, Any]) -> list[Sample]:
     """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path}, or one
     made from others (`of`: an entry or a list of entries): {type: mismatched}, {type: without_called},
-    {type: composed_parallel, count, distractors}, {type: masked, fraction} (training/augment.py); optional `limit`
+    {type: composed_parallel, count, distractors}, {type: masked, fraction}, {type: in_percent} (training/augment.py);
+    optional `limit`
     (a seeded random subset)."""
     from training import augment
 
     kind = spec.get("type")
-    derived = {"mismatched", "without_called", "composed_parallel", "masked"}
+    derived = {"mismatched", "without_called", "composed_parallel", "masked", "in_percent"}
     if kind in derived:
         base = [sample for parent in _parents(spec) for sample in load_source(parent)]
     if kind == "mismatched":
@@ -345,6 +346,8 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
         samples = augment.composed_parallel(base, int(spec["count"]), distractors=int(spec.get("distractors", 0)))
     elif kind == "masked":
         samples = augment.masked_fraction(base, float(spec.get("fraction", 1.0)))
+    elif kind == "in_percent":
+        samples = augment.in_percent(base)
     elif kind == "bfcl":
         samples = load_bfcl(spec["category"])
     elif kind == "nestful":

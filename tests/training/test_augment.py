@@ -4,11 +4,13 @@ parallel questions, and the native-format prompts and targets training shares wi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from typing import Any
 
 from server.prompts import PromptFormat
 from server.toolcalls import parse_answer
 from training import augment
-from training.data import load_source
+from training.data import GroundTruthCall, Sample, load_source
 from training.evaluation import bfcl
 from training.matching import answer_matches
 
@@ -105,3 +107,30 @@ def test_native_prompt_and_target_are_what_the_server_sends_and_parses() -> None
     question = next(q for q in bfcl.load_category("live_parallel") if q.id == sample.id)
     assert list(sample.tools) == bfcl.openai_tools(question.functions)
     assert "Python 3 syntax" in json.dumps(sample.tools)
+
+
+def _rates(sample: Sample) -> list[Any]:
+    return [call.arguments["interest_rate"] for call in sample.ground_truth]
+
+
+def test_in_percent_asks_for_the_stated_percentages_where_the_description_says_so() -> None:
+    (original,) = [s for s in load_source({"type": "bfcl", "category": "exec_parallel"}) if s.id == "exec_parallel_35"]
+    assert "3.5%" in original.query and _rates(original) == [(0.035,), (0.04,), (0.025,), (0.03,)]
+    (twin,) = augment.in_percent([original])
+    assert twin.id == "exec_parallel_35~percent" and twin.messages == original.messages
+    assert _rates(twin) == [(3.5,), (4,), (2.5,), (3,)]  # each call its own rate, as the question states it
+    (tool,) = twin.tools
+    description = tool["function"]["parameters"]["properties"]["interest_rate"]["description"]
+    assert description == "The interest rate of the loan in percentage (5 for 5%)."  # "ranging from 0 to 1" gone
+    assert answer_matches(twin.target(PromptFormat.NATIVE), twin.ground_truth, 0)
+    assert not answer_matches(original.target(PromptFormat.NATIVE), twin.ground_truth, 1)
+
+
+def test_in_percent_leaves_numbers_that_are_not_shares_and_functions_it_cannot_describe_one_way() -> None:
+    beats = [s for s in load_source(LIVE_SIMPLE) if s.id == "live_simple_72-36-0"]
+    assert "50%" in beats[0].query  # a capture percentage; the time window of 0.5 seconds is not a share
+    assert augment.in_percent(beats) == []
+    (loans,) = [s for s in load_source({"type": "bfcl", "category": "exec_parallel"}) if s.id == "exec_parallel_35"]
+    first, *rest = loans.ground_truth
+    unstated = GroundTruthCall(first.name, {**first.arguments, "interest_rate": (0.061,)})  # 6.1% is not asked
+    assert augment.in_percent([replace(loans, ground_truth=(unstated, *rest))]) == []
