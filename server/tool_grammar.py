@@ -10,8 +10,9 @@ either format has all of them: a form left out would let a malformed call throug
 parse and return it. The prompt format decides which form a model writes; the others are guards.
 - The answer opens with `[`, `{` or an offered function's `name(`: the answer is calls, nothing follows them.
   `[name(param=value, ...), ...]` (the pythonic format), bare `name(...)` calls one per line, a JSON call object
-  `{"name": ..., "arguments": {...}}`, or a list of them. Free text may not open like that (after blanks, comments,
-  parentheses: what Python skips), so it cannot slip a call past the grammar; `print(x)` or `(note)` stay free.
+  `{"name": ..., "arguments": {...}}`, several one per line, or a list of them. Free text may not open like that
+  (after blanks, comments, parentheses: what Python skips), so it cannot slip a call past the grammar; `print(x)`
+  or `(note)` stay free.
 - `<tool_call>` anywhere (typed out, or the tokenizer's own token, as Qwen's): a hermes block
   `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (the native format), then free text again.
 - Three backticks anywhere: a fenced block of calls (```` ```json\n{"name": ...}\n``` ```` as the embedded Qwen
@@ -48,9 +49,18 @@ from typing import Any
 
 from server.tool_choice import any_call_schema, closed, has_local_refs, json_schema, rebase_refs
 
-# JSON inside calls: the separators json.dumps writes, which is how chat templates (Qwen's `tojson`) and the
-# server's own rendering show calls to the model; no other whitespace to wander into. Lenient as for required.
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+# JSON inside calls, in the layouts models write them: compact with json.dumps' separators (Qwen's `tojson`, the
+# hermes blocks) and indented (`json.dumps(indent=2)`: the fenced block the native format's targets and the embedded
+# Qwen write). Forcing one layout on a model trained on the other pushes it off its own distribution (it moved
+# answers on BFCL multiple both ways). A run of whitespace is one line break at most and a bounded indent, so there
+# is no whitespace to wander into. Lenient as for required.
+JSON_STYLE = {
+    "whitespace_flexible": True,
+    "whitespace_pattern": r"\n? {0,24}",
+    "item_separator": ",",
+    "key_separator": ":",
+    "lenient": True,
+}
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -140,7 +150,8 @@ def tool_grammar(
     # (free text) hides one that ended before it (whitespace), so a bare `name(...)` comes without whitespace
     # before it, while `[` and `{` end free text at once.
     if parallel:
-        spaced = ["json_call", '"[" json_call (COMMA json_call)* "]"']
+        # JSON call objects one after another on their own lines, as the native format's targets write several
+        spaced = ['json_call ("\\n" json_call)*', '"[" json_call (COMMA json_call)* "]"']
         spaced += ['"[" py_call (COMMA py_call)* "]"'] if pythonic else []
         bare = ['py_call ("\\n" py_call)*'] if pythonic else []
     else:

@@ -89,6 +89,7 @@ BOOK = {  # keys that are no Python names, nested objects, arrays, unions, keywo
     },
 }
 CLOCK = {"type": "function", "function": {"name": "now"}}
+BOOKING = {"from": "Oslo", "when": {"day": 3, "hour": None}, "tags": ["x", "y"]}
 TOOLS = [WEATHER, FACTORIAL, BOOK, CLOCK]
 
 
@@ -126,6 +127,11 @@ WELL_FORMED = [
     # fenced blocks: JSON as the embedded Qwen writes it, pythonic calls; code blocks that are no calls
     '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
     'Here:\n```python\n[get_weather(city="Paris")]\n```\nDone.',
+    # the native format's training targets: indented JSON, several calls one object after another
+    toolcalls.render_fenced_json(
+        [toolcalls.ToolCall("get_weather", {"city": "Paris", "days": 3}), toolcalls.ToolCall("book", BOOKING)]
+    ),
+    '{"name": "now", "arguments": {}}\n{"name": "math.factorial", "arguments": {"number": 3}}',
 ]
 
 MALFORMED = {
@@ -154,6 +160,8 @@ MALFORMED = {
     "parenthesized call": "(get_weather(city=1))",
     "call after a comment": "# call it\nget_weather(city=1)",
     "code block holding a hermes block": "```\nprint(1)\n<tool_call>",
+    "a run of whitespace to wander in": '```json\n{"name":' + " " * 40 + '"now", "arguments": {}}\n```',
+    "blank lines": '```json\n{\n\n"name": "now", "arguments": {}}\n```',
 }
 
 PROSE = [
@@ -207,6 +215,7 @@ SECOND_CALLS = [
     f"[{NOW}, {NOW}]",
     f"<tool_call>\n{NOW}\n</tool_call>\n<tool_call>\n{NOW}\n</tool_call>",
     f"```json\n{NOW}\n```\n```json\n{NOW}\n```",
+    f"```json\n{NOW}\n{NOW}\n```",
     f"<tool_call>\n{NOW}\n</tool_call> and ```json\n{NOW}\n```",
 ]
 
