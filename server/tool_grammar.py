@@ -52,8 +52,8 @@ from server.tool_choice import any_call_schema, closed, has_local_refs, json_sch
 # JSON inside calls, in the layouts models write them: compact with json.dumps' separators (Qwen's `tojson`, the
 # hermes blocks) and indented (`json.dumps(indent=2)`: the fenced block the native format's targets and the embedded
 # Qwen write). Forcing one layout on a model trained on the other pushes it off its own distribution (it moved
-# answers on BFCL multiple both ways). A run of whitespace is one line break at most and a bounded indent, so there
-# is no whitespace to wander into. Lenient as for required.
+# answers on BFCL multiple both ways). The pattern bounds a run of whitespace to one line break and an indent where
+# llguidance reads it as one run (1.9); 1.7, which vLLM pins, lets runs follow each other. Lenient as for required.
 JSON_STYLE = {
     "whitespace_flexible": True,
     "whitespace_pattern": r"\n? {0,24}",

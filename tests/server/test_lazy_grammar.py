@@ -160,8 +160,6 @@ MALFORMED = {
     "parenthesized call": "(get_weather(city=1))",
     "call after a comment": "# call it\nget_weather(city=1)",
     "code block holding a hermes block": "```\nprint(1)\n<tool_call>",
-    "a run of whitespace to wander in": '```json\n{"name":' + " " * 40 + '"now", "arguments": {}}\n```',
-    "blank lines": '```json\n{\n\n"name": "now", "arguments": {}}\n```',
 }
 
 PROSE = [
