@@ -255,7 +255,7 @@ def _described_in_percent(tool: dict[str, Any], parameters: Collection[str]) -> 
     properties = dict(schema["properties"])
     for name in parameters:
         spec = dict(properties[name])
-        first = str(spec.get("description") or name.replace("_", " ")).split(". ")[0].rstrip(". ")
+        first = str(spec["description"]).split(". ")[0].rstrip(". ")  # _shares found it there
         spec["description"] = _AS_FRACTION.sub("", first) + " in percentage (5 for 5%)."
         spec.pop("maximum", None)  # a fraction's bound (1), if the schema had one
         properties[name] = spec
