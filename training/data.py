@@ -330,8 +330,7 @@ def load_source(spec: Mapping[str, Any]) -> list[Sample]:
     """One `data.sources` entry: {type: bfcl, category} | {type: nestful, subset} | {type: chat_jsonl, path}, or one
     made from others (`of`: an entry or a list of entries): {type: mismatched}, {type: without_called},
     {type: composed_parallel, count, distractors}, {type: masked, fraction}, {type: in_percent} (training/augment.py);
-    optional `limit`
-    (a seeded random subset)."""
+    optional `limit` (a seeded random subset)."""
     from training import augment
 
     kind = spec.get("type")
