@@ -216,7 +216,7 @@ class Run:
         tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         data = load_data(cfg, tokenizer)
         followups = self.state.get("data", {}).get("followups")  # counted once, when they were made
-        heldout_sha = hashlib.sha256("\n".join(s.id for s in data.heldout).encode()).hexdigest()
+        heldout_sha = _ids_sha256(data.heldout)
         if self.state.get("data", {}).get("heldout_ids_sha256", heldout_sha) != heldout_sha:
             # A loader changed between sessions can move the held-out slice: the old scores are of other questions.
             log.info("the held-out slice changed: its scores are computed again")
@@ -278,7 +278,10 @@ class Run:
             self._commit()
             it = self._iteration(t)
         log.info("iteration %d: %d of %d selected (pass@%d)", t, it["selected"], len(data.train), cfg.selection.k)
-        if cfg.loop.stop_when_not_growing and previous and it["selected"] <= previous["selected"]:
+        # Counts of two pools say nothing about the model: a run continued on new data (RESULTS.md, iteration 3)
+        # compares only iterations that selected from the same samples.
+        same_pool = previous is not None and previous.get("pool_ids_sha256") == it.get("pool_ids_sha256")
+        if cfg.loop.stop_when_not_growing and previous and same_pool and it["selected"] <= previous["selected"]:
             it["stopped"] = True
             self.state["stop_reason"] = f"selected count stopped growing ({previous['selected']} → {it['selected']})"
             log.info("iteration %d: %s; stopping", t, self.state["stop_reason"])
@@ -378,6 +381,7 @@ class Run:
         return {
             "selected": len(selected),
             "pool": len(pool),
+            "pool_ids_sha256": _ids_sha256(pool),
             "pass_at_1": round(sum(r["matched"][0] for r in records.values()) / max(1, len(records)), 4),
         }
 
@@ -569,6 +573,10 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new))
         return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def _ids_sha256(samples: list[Sample]) -> str:
+    return hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
 
 
 def _now() -> str:

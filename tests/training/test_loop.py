@@ -169,3 +169,23 @@ def test_scores_of_an_old_held_out_slice_are_computed_again(scripted, tmp_path: 
     manifest = train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
     assert len(engine.calls) - calls == 2 + 2  # the baseline and iteration 1, 2 greedy answers each
     assert manifest["baseline"] == manifest["iterations"][0]["heldout"] == {"n": 2, "exact": 1.0, "approx": 1.0}
+
+
+def test_selected_counts_of_two_pools_are_not_compared(scripted, tmp_path: Path) -> None:  # noqa: ANN001
+    """A run continued on new data (an iteration seeded from a run on other samples) trains the next iteration even
+    when it selects no more: the stop rule compares counts only on the same pool."""
+    engine = _oracle_engine(scripted)
+    config = _config(tmp_path)
+    config.loop.max_iterations = 1
+    train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+    state_file = tmp_path / "run" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["iterations"][0]["pool_ids_sha256"]
+    state["iterations"][0]["pool_ids_sha256"] = "0" * 64  # as if iteration 1 had selected from other samples
+    state_file.write_text(json.dumps(state))
+    config.loop.max_iterations = 2
+    trained: list[Path | None] = []
+    manifest = train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer(trained))
+    assert [it["selected"] for it in manifest["iterations"]] == [6, 6]
+    assert trained == [tmp_path / "run" / "iter_1" / "adapter"], "iteration 2 trained, from iteration 1's adapter"
+    assert manifest["stop_reason"] == "max_iterations"
