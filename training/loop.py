@@ -280,8 +280,12 @@ class Run:
         log.info("iteration %d: %d of %d selected (pass@%d)", t, it["selected"], len(data.train), cfg.selection.k)
         # Counts of two pools say nothing about the model: a run continued on new data (RESULTS.md, iteration 3)
         # compares only iterations that selected from the same samples.
-        same_pool = previous is not None and previous.get("pool_ids_sha256") == it.get("pool_ids_sha256")
-        if cfg.loop.stop_when_not_growing and previous and same_pool and it["selected"] <= previous["selected"]:
+        if (
+            cfg.loop.stop_when_not_growing
+            and previous is not None
+            and previous.get("pool_ids_sha256") == it.get("pool_ids_sha256")
+            and it["selected"] <= previous["selected"]
+        ):
             it["stopped"] = True
             self.state["stop_reason"] = f"selected count stopped growing ({previous['selected']} → {it['selected']})"
             log.info("iteration %d: %s; stopping", t, self.state["stop_reason"])

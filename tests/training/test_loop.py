@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,19 @@ def _oracle_engine(scripted):  # noqa: ANN001, ANN202
 
 class Crash(Exception):
     pass
+
+
+def _edit_state_after_one_iteration(scripted, tmp_path: Path, edit: Callable[[dict[str, Any]], None]):  # noqa: ANN001, ANN202
+    """One iteration run with the oracle engine, then its state.json edited by hand; returns the engine and config."""
+    engine = _oracle_engine(scripted)
+    config = _config(tmp_path)
+    config.loop.max_iterations = 1
+    train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
+    state_file = tmp_path / "run" / "state.json"
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state))
+    return engine, config
 
 
 def _stub_trainer(calls: list[Path | None], crash: bool = False):  # noqa: ANN202
@@ -154,15 +168,12 @@ def test_an_iteration_redone_on_other_examples_trains_again(scripted, tmp_path: 
 def test_scores_of_an_old_held_out_slice_are_computed_again(scripted, tmp_path: Path) -> None:  # noqa: ANN001
     """A change in how sources load (code, not config) can move the held-out slice; the baseline and every
     iteration's held-out score then belong to other questions and are computed again on resume."""
-    engine = _oracle_engine(scripted)
-    config = _config(tmp_path)
-    config.loop.max_iterations = 1
-    train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
-    state_file = tmp_path / "run" / "state.json"
-    state = json.loads(state_file.read_text())
-    state["data"]["heldout_ids_sha256"] = "0" * 64  # as if the slice had been other samples
-    state["baseline"] = state["iterations"][0]["heldout"] = {"n": 2, "exact": 0.0, "approx": 0.0}
-    state_file.write_text(json.dumps(state))
+
+    def other_slice(state: dict[str, Any]) -> None:
+        state["data"]["heldout_ids_sha256"] = "0" * 64  # as if the slice had been other samples
+        state["baseline"] = state["iterations"][0]["heldout"] = {"n": 2, "exact": 0.0, "approx": 0.0}
+
+    engine, config = _edit_state_after_one_iteration(scripted, tmp_path, other_slice)
     for path in (tmp_path / "run").rglob("heldout.jsonl"):
         path.unlink()  # the old slice's answers: kept records would be reused for the same ids
     calls = len(engine.calls)
@@ -174,15 +185,12 @@ def test_scores_of_an_old_held_out_slice_are_computed_again(scripted, tmp_path: 
 def test_selected_counts_of_two_pools_are_not_compared(scripted, tmp_path: Path) -> None:  # noqa: ANN001
     """A run continued on new data (an iteration seeded from a run on other samples) trains the next iteration even
     when it selects no more: the stop rule compares counts only on the same pool."""
-    engine = _oracle_engine(scripted)
-    config = _config(tmp_path)
-    config.loop.max_iterations = 1
-    train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer([]))
-    state_file = tmp_path / "run" / "state.json"
-    state = json.loads(state_file.read_text())
-    assert state["iterations"][0]["pool_ids_sha256"]
-    state["iterations"][0]["pool_ids_sha256"] = "0" * 64  # as if iteration 1 had selected from other samples
-    state_file.write_text(json.dumps(state))
+
+    def other_pool(state: dict[str, Any]) -> None:
+        assert state["iterations"][0]["pool_ids_sha256"]
+        state["iterations"][0]["pool_ids_sha256"] = "0" * 64  # as if iteration 1 had selected from other samples
+
+    engine, config = _edit_state_after_one_iteration(scripted, tmp_path, other_pool)
     config.loop.max_iterations = 2
     trained: list[Path | None] = []
     manifest = train(config, progress=False, engine_factory=lambda _: engine, trainer=_stub_trainer(trained))
