@@ -143,6 +143,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     llamacpp.add_argument(
         "--gguf", type=Path, default=None, help="the GGUF llama.cpp runs (default: the embedded model's own file)"
     )
+    llamacpp.add_argument(
+        "--prompt-lookup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draft from n-grams of the prompt (refine rounds repeat their previous answer); off for sampling-heavy "
+        "loads, where every rejected draft costs a batch",
+    )
     limits = p.add_argument_group("limits (a request beyond one is refused before any work)")
     for field in dataclasses.fields(Limits):
         flag = "--" + field.name.replace("_", "-")
@@ -191,7 +198,7 @@ def _engine_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "max_cpu_loras": args.max_loaded_adapters,
         }
     if args.engine == "llamacpp":
-        options["gguf"] = args.gguf or model_store.gguf_path(args.model)
+        options |= {"gguf": args.gguf or model_store.gguf_path(args.model), "prompt_lookup": args.prompt_lookup}
     return options
 
 

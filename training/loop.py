@@ -179,8 +179,15 @@ class Run:
             self._engine = self._engine_factory(self.base_dir)
         elif self._engine is None and model.generate_engine == "llamacpp":
             gguf = model_store.gguf_path(model.base, progress=self.progress)
+            # No prompt lookup: sampled answers rarely repeat their prompt, and each rejected draft is a batch of
+            # 48 tokens per sequence (4 samples x n=4 on 2 cores: 137 s with it, 99 s without; 29 of 1,175 accepted).
             self._engine = create_engine(
-                "llamacpp", str(self.base_dir), gguf=gguf, max_batch_size=model.max_batch_size, progress=self.progress
+                "llamacpp",
+                str(self.base_dir),
+                gguf=gguf,
+                max_batch_size=model.max_batch_size,
+                prompt_lookup=False,
+                progress=self.progress,
             )
         elif self._engine is None:
             self._engine = create_engine(

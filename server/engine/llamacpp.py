@@ -77,7 +77,7 @@ _SEED_SPACE = 2**32 - 1  # llama.cpp seeds are uint32; 0xFFFFFFFF means "random"
 _FINISH: dict[str, FinishReason] = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
-def server_args(max_model_len: int, slots: int, threads: int | None = None) -> list[str]:
+def server_args(max_model_len: int, slots: int, threads: int | None = None, *, prompt_lookup: bool = True) -> list[str]:
     """llama-server's settings for this engine (the benchmark starts llama.cpp's own server with the same)."""
     threads_arg = str(threads or os.cpu_count() or 1)
     slots = max(1, slots)
@@ -94,7 +94,8 @@ def server_args(max_model_len: int, slots: int, threads: int | None = None) -> l
         # repeating the previous answer (which is in its prompt) is verified instead of decoded token by token.
         # Lookup on the last 4 tokens, not llama.cpp's 12: drafting starts 8 tokens sooner in a short tool call
         # (a 47-token repeat: 45 of 48 draft tokens accepted and 39 tok/s, against 40 of 48 and 23-29 tok/s).
-        "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
+        # Off where nothing repeats (sampling at temperature 1): every draft is then a wasted batch (`prompt_lookup`).
+        *(["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4"] if prompt_lookup else []),
         # On an AMX CPU (a Sapphire Rapids VM here) this build's AMX matmul for the repacked Q4_K weights segfaults
         # at the first batch; without repacking the AVX-512 kernels run instead.
         *(["--no-repack"] if "amx_int8" in cpu_flags() else []),
@@ -208,6 +209,7 @@ class LlamaCppEngine:
         num_threads: int | None = None,
         prefix_cache_tokens: int = 65536,
         dtype: str | None = None,  # accepted for the CLI's sake: the GGUF's own types are what llama.cpp runs
+        prompt_lookup: bool = True,
         progress: bool = True,
     ) -> None:
         del dtype
@@ -219,7 +221,7 @@ class LlamaCppEngine:
         self.max_model_len = context_length(configs[-1], max_model_len)
         self._eos_ids = eos_token_ids(self.tokenizer, configs)
         self.cache_prompt = prefix_cache_tokens > 0
-        self._args = server_args(self.max_model_len, max_batch_size, num_threads)
+        self._args = server_args(self.max_model_len, max_batch_size, num_threads, prompt_lookup=prompt_lookup)
         self._binary = server_binary(progress=progress)
         self._work = Path(tempfile.mkdtemp(prefix="toolace-llamacpp-"))
         self._adapters: dict[str, Path] = {}  # served name -> GGUF LoRA file, in llama-server's id order

@@ -220,13 +220,27 @@ def test_the_server_answers_and_streams_on_llamacpp(llamacpp_server: RunningServ
     assert streamed.strip()
 
 
+REPEAT = [
+    {"role": "user", "content": "Weather and time in Paris?"},
+    {"role": "assistant", "content": "[get_weather(city='Paris', unit='celsius'), get_time(timezone='Europe/Paris')]"},
+    {"role": "user", "content": "Repeat your previous answer exactly."},
+]
+
+
 def test_a_repeated_answer_is_verified_as_a_draft(engine: LlamaCppEngine) -> None:
     """A refine round: the previous answer is in the prompt, and prompt lookup proposes it as the draft."""
-    answer = "[get_weather(city='Paris', unit='celsius'), get_time(timezone='Europe/Paris')]"
-    conversation = [
-        {"role": "user", "content": "Weather and time in Paris?"},
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": "Repeat your previous answer exactly."},
-    ]
-    result = asyncio.run(engine.generate(conversation, SamplingParams(max_tokens=40)))
+    result = asyncio.run(engine.generate(REPEAT, SamplingParams(max_tokens=40)))
     assert result.draft_accepted_tokens > 5 and result.draft_tokens >= result.draft_accepted_tokens, result
+
+
+def test_without_prompt_lookup_nothing_is_drafted(smol_dir: Path, engine: LlamaCppEngine) -> None:
+    """`prompt_lookup=False` (training's sampling, `serve --no-prompt-lookup`): the same repeat is decoded token by
+    token, to the same greedy answer."""
+    plain = create_engine("llamacpp", str(smol_dir), gguf=model_store.gguf_path(SMOL), prompt_lookup=False)
+    try:
+        result = asyncio.run(plain.generate(REPEAT, SamplingParams(max_tokens=40)))
+    finally:
+        asyncio.run(plain.close())
+    assert result.draft_tokens == 0 and result.completions[0].token_ids, result
+    drafted = asyncio.run(engine.generate(REPEAT, SamplingParams(max_tokens=40)))
+    assert result.completions[0].text == drafted.completions[0].text
