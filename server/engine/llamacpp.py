@@ -19,7 +19,9 @@ What maps where:
   reuses the previous round's prompt;
   `cache_salt` (llama.cpp keys its cache on tokens only; prompts of different tenants can share a prefix's KV);
   and its host-RAM prompt cache is off (it keys saved KV on tokens alone, so a request could resume KV that an
-  adapter computed); each slot's own cache stays, cleared by llama-server when the slot's adapter changes;
+  adapter computed; nor does it keep the prompts of `n` > 1 requests, whose child slots clear theirs on release and
+  take over the parent's before it is saved); each slot's own cache stays, cleared by llama-server when the slot's
+  adapter changes;
 - adapters: a peft LoRA directory is converted to a GGUF LoRA (llama.cpp's `convert_lora_to_gguf.py`) at load;
   llama-server only loads LoRA files at start-up, so loading or unloading one starts a new server with the new set
   (a few seconds) and retires the old one when its last request ends: requests in flight are not lost. A request
