@@ -72,6 +72,10 @@ class RefineConfig:
     # The share of samples with nothing to call whose kept fixes (a call into the decline, or into the answer after a
     # tool result) are trained on, chosen by a hash of the sample id; fixes into a call are all trained on.
     no_call_fix_fraction: float = 1.0
+    # Where A1 comes from: "sampled" (the answers sampled in selection, at its temperature) or "greedy" (first the
+    # model's greedy answer, the A0 that adaptive refinement refines at inference, then the sampled ones): with
+    # "greedy" the fixes start from the mistakes inference makes and the keeps from the answers it gives.
+    first_answer: str = "sampled"
 
 
 @dataclass
@@ -176,6 +180,8 @@ class TrainConfig:
             raise ValueError("refine.no_call_fix_fraction must be between 0 and 1")
         if self.sft.global_batch_size % self.sft.micro_batch_size:
             raise ValueError("sft.global_batch_size must be a multiple of sft.micro_batch_size")
+        if self.refine.first_answer not in ("sampled", "greedy"):
+            raise ValueError(f"refine.first_answer {self.refine.first_answer!r}: choose sampled or greedy")
         if self.model.generate_engine not in ("transformers", "llamacpp"):
             raise ValueError(f"model.generate_engine {self.model.generate_engine!r}: choose transformers or llamacpp")
         if self.prompt_format not in ("pythonic", "native"):

@@ -55,6 +55,8 @@ _RESUMABLE_CHANGES = {
     # Read when an iteration's examples are built from its records; examples already built stay as they were.
     "refine.keep_answers",
     "refine.no_call_fix_fraction",
+    # Read when a sample's refine record is made (as max_fixes): records already made keep their first answers.
+    "refine.first_answer",
     # Gradient accumulation sums the same per-token losses whatever the micro batch: lowering it after an
     # out-of-memory kill changes memory, not the result (up to float summation order).
     "sft.micro_batch_size",

@@ -8,7 +8,9 @@
   to change a value it has no reason to doubt (on BFCL, often one of the accepted values): such a near miss is kept
   only when a refinement is exactly right.
 A1 comes from the answers sampled in selection (every distinct wrong one is a candidate), so the data follows the
-model's own mistakes. `RefineConfig.keep_answers` and `no_call_fix_fraction` set how keeping and changing are weighed.
+model's own mistakes; with `RefineConfig.first_answer: greedy` the model's greedy answer comes first (the A0 that
+adaptive refinement starts from at inference). `keep_answers` and `no_call_fix_fraction` set how keeping and changing
+are weighed.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ async def build_refine_examples(
 
     async def one(sample: Sample) -> dict[str, Any]:
         answers = [a.strip() for a in selection[sample.id]["answers"]]
+        greedy = None
+        if config.first_answer == "greedy":  # first: the answer adaptive refinement would start from
+            params = SamplingParams(max_tokens=selection_config.max_new_tokens)
+            greedy = (await sample_answers(engine, sample.prompt(fmt), params, adapter))[0].strip()
+            answers = [greedy, *answers]
         right = right_answers(sample, answers)
         wrong = list({canonical(a): a for a in reversed(answers) if a not in right}.values())[::-1]
         wrong = wrong[: config.max_fixes]  # the first ones the model wrote (None: every one)
@@ -103,7 +110,8 @@ async def build_refine_examples(
             refined = await sample_answers(engine, refine_prompt(sample, first, fmt), params, adapter)
             kept = fix_reached(first, refined, sample, config.max_differing_values)
             fixes.append({"first": first, "kept": kept, "answers": refined})
-        return {"stop": right[0] if right else None, "fixes": fixes}
+        record = {"stop": right[0] if right else None, "fixes": fixes}
+        return record | ({"greedy": greedy} if greedy is not None else {})
 
     records = await map_resumable(
         selected,

@@ -52,6 +52,17 @@ def test_unknown_fields_are_refused() -> None:
         TrainConfig().override("sft.nope", 1)
 
 
+CHOICES = [("refine.first_answer", "greediest"), ("model.generate_engine", "vllm"), ("prompt_format", "xml")]
+
+
+@pytest.mark.parametrize(("field", "value"), CHOICES)
+def test_a_choice_outside_its_options_is_refused(field: str, value: str) -> None:
+    config = TrainConfig.from_yaml(CONFIGS / "tiny.yaml")
+    config.override(field, value)
+    with pytest.raises(ValueError, match=field):
+        config.validate()
+
+
 def test_defaults_follow_the_issue() -> None:
     sft = TrainConfig().sft
     assert (sft.lora_r, sft.lora_alpha, sft.learning_rate, sft.lr_scheduler, sft.warmup_ratio) == (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from server.prompts import REFINE_PROMPT, PromptFormat
 from training.config import RefineConfig, SelectionConfig
@@ -89,6 +90,31 @@ def test_refine_examples_keep_right_answers_and_try_every_distinct_wrong_one(
     )
     assert {e.id for e in capped} == {"stop#keep", "fix#keep", "wrong-only#fix0"}
     assert sorted(messages[-2]["content"] for messages, _, _ in engine.calls) == sorted([WRONG, CLOSE])
+
+
+def test_greedy_first_answers_are_what_refine_data_starts_from(scripted, make_sample, tmp_path: Path) -> None:  # noqa: ANN001
+    """`first_answer: greedy`: the greedy answer (inference's A0) comes before the sampled ones, as the keep example
+    where it is right and as the first fix candidate where it is wrong; every refinement here reaches the truth."""
+    sample = make_sample("s")
+    selection = {"s": {"answers": [CLOSE, RIGHT]}}
+
+    def record(greedy: str, config: RefineConfig) -> tuple[dict[str, Any], list[Any]]:
+        engine = scripted(lambda messages, params: [greedy] if params.greedy else [RIGHT] * params.n)
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.jsonl"
+        asyncio.run(build_refine_examples(engine, [sample], selection, config, SelectionConfig(), path))
+        return read_records(path)["s"], engine.calls
+
+    greedy = RefineConfig(k=2, max_fixes=1, first_answer="greedy")
+    wrong, calls = record(WRONG, greedy)
+    assert calls[0][1].greedy and calls[0][1].n == 1 and calls[0][0][-1]["content"] != REFINE_PROMPT
+    assert wrong["greedy"] == WRONG and [f["first"] for f in wrong["fixes"]] == [WRONG] and wrong["stop"] == RIGHT
+    right_as_greedy = RIGHT.replace("'", '"')  # right too, written otherwise than the sampled RIGHT
+    right, _ = record(right_as_greedy, greedy)
+    assert right["stop"] == right_as_greedy and [f["first"] for f in right["fixes"]] == [CLOSE]
+    # sampled (the default): no greedy request; the first sampled wrong answer is the candidate
+    sampled, calls = record(WRONG, RefineConfig(k=2, max_fixes=1))
+    assert "greedy" not in sampled and [f["first"] for f in sampled["fixes"]] == [CLOSE]
+    assert not any(params.greedy for _, params, _ in calls)
 
 
 def test_a_near_miss_is_fixed_only_by_an_exactly_right_refinement(scripted, make_sample, tmp_path: Path) -> None:  # noqa: ANN001
