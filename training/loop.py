@@ -182,7 +182,7 @@ class Run:
         elif self._engine is None and model.generate_engine == "llamacpp":
             gguf = model_store.gguf_path(model.base, progress=self.progress)
             # No prompt lookup: sampled answers rarely repeat their prompt, and each rejected draft is a batch of
-            # 48 tokens per sequence (4 samples x n=4 on 2 cores: 137 s with it, 99 s without; 29 of 1,175 accepted).
+            # 48 tokens per sequence (4 samples x n=4 on 2 cores: 142 s with it, 101 s without; BENCHMARKS.md).
             self._engine = create_engine(
                 "llamacpp",
                 str(self.base_dir),
