@@ -23,13 +23,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from server import model_store  # noqa: E402
 from server.engine import create_engine  # noqa: E402
-from server.engine.base import SamplingParams  # noqa: E402
-from server.prompts import PromptFormat  # noqa: E402
+from server.engine.base import Generation, SamplingParams  # noqa: E402
+from server.prompts import Prompt, PromptFormat  # noqa: E402
 from training.data import load_source  # noqa: E402
 
 
-async def one_run(args: argparse.Namespace, prompt_lookup: bool) -> dict[str, Any]:
-    samples = load_source({"type": "bfcl", "category": "live_multiple", "limit": args.skip + args.prompts})
+async def one_run(args: argparse.Namespace, prompts: list[Prompt], prompt_lookup: bool) -> dict[str, Any]:
     base = model_store.resolve(args.model)
     engine = create_engine(
         "llamacpp", str(base), gguf=model_store.gguf_path(args.model), max_batch_size=16, prompt_lookup=prompt_lookup
@@ -40,11 +39,10 @@ async def one_run(args: argparse.Namespace, prompt_lookup: bool) -> dict[str, An
             adapter = "adapter"
             await engine.load_adapter(adapter, args.adapter)
 
-        async def sample(i: int, prompt: Any) -> Any:
+        async def sample(i: int, prompt: Prompt) -> Generation:
             params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_p=1.0, seed=i, n=args.n)
             return await engine.generate(engine.encode_chat(prompt.messages, prompt.tools), params, adapter=adapter)
 
-        prompts = [s.prompt(PromptFormat.NATIVE) for s in samples[args.skip :]]
         started = time.monotonic()
         generations = await asyncio.gather(*(sample(i, p) for i, p in enumerate(prompts)))
         seconds = time.monotonic() - started
@@ -70,7 +68,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    runs = [asyncio.run(one_run(args, lookup)) for lookup in (True, False, False, True)]  # ABBA
+    samples = load_source({"type": "bfcl", "category": "live_multiple", "limit": args.skip + args.prompts})
+    prompts = [s.prompt(PromptFormat.NATIVE) for s in samples[args.skip :]]
+    runs = [asyncio.run(one_run(args, prompts, lookup)) for lookup in (True, False, False, True)]  # ABBA
     for run in runs:
         print(json.dumps(run))
     if args.out:
