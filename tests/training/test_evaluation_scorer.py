@@ -199,3 +199,25 @@ def test_report_table_curves_and_plots(tmp_path) -> None:
     assert curves[("M", report.SC_FROM_VANILLA, 3)]["simple_python"] == [0.0, 50.0, 50.0, 50.0]
     # capped at r rounds, adaptive returns round min(stop, r): right only for odd i once r reaches 3
     assert curves[("M", "adaptive", 3)]["simple_python"] == [0.0, 0.0, 0.0, 50.0]
+
+
+def test_report_counts_identical_answers_between_models_run_alike(tmp_path) -> None:
+    def answered(label: str, mode: str, i: int, content: str | None, args: str | None) -> dict[str, Any]:
+        calls = [] if args is None else [{"name": "f", "arguments": args}]
+        raw = {"content": content, "tool_calls": calls, "finish_reason": "stop"}
+        return _row(mode, "simple_python", i, True, label=label, raw=raw)
+
+    rows = [
+        answered("A", "none", 0, None, '{"x": 1}'),
+        answered("B", "none", 0, None, '{ "x" : 1 }'),  # the same call, spaced differently
+        answered("A", "none", 1, None, '{"x": 1}'),
+        answered("B", "none", 1, None, '{"x": 2}'),
+        answered("A", "none", 2, " No tool fits. ", None),
+        answered("B", "none", 2, "No tool fits.", None),
+        answered("A", "none", 3, "only A answered", None),
+        answered("A", "adaptive", 0, None, '{"x": 1}'),  # no B row in this mode: no pair
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report.agreement(report.load(tmp_path)) == {("A", "B", "none", None): (2, 3)}
+    report.write_report(tmp_path)
+    assert "| A / B | none | 66.7% (2 of 3) |" in (tmp_path / "summary.md").read_text()

@@ -41,7 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("TOOLACE_R_API_KEY") or "EMPTY"
     )
     p.add_argument("--model", help="the `model` sent in each request (a base model or an adapter name)")
-    p.add_argument("--label", default=None, help="the model's name in the summary table (default: --model)")
+    p.add_argument(
+        "--label",
+        default=None,
+        help="the run's name in the summary table and in --out (default: --model); two labels keep two runs "
+        "of one model apart, e.g. on two engines",
+    )
     p.add_argument(
         "--categories",
         type=_csv(CATEGORIES),

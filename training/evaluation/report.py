@@ -8,6 +8,8 @@ number of refine rounds (the paper's Figure 3) and the distribution of rounds.
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,19 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         for (label, mode, iterations), by_reference in pairs.items():
             shown = [_paired_cell(*by_reference[r]) if r in by_reference else "–" for r in references]
             lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *shown]) + " |")
+    agreeing = agreement(rows)
+    if agreeing:
+        lines += [
+            "",
+            "Answers identical between models run in the same mode (the decoded calls, or the text where there is no "
+            "call; multi-turn: every step), on the questions both answered:",
+            "",
+            "| Models | Refine | identical |",
+            "|---|---|---|",
+        ]
+        for (a, b, mode, iterations), (same, shared) in agreeing.items():
+            share = f"{100.0 * same / shared:.1f}% ({same} of {shared})"
+            lines.append(f"| {a} / {b} | {_mode_name(mode, iterations)} | {share} |")
     errors = _error_types(rows)
     if errors:
         lines += ["", "Most frequent error types:", "", "| Model | Refine | error type | count |", "|---|---|---|---|"]
@@ -194,6 +209,41 @@ def paired(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[int, int, 
                 cells[label] = (len(shared), sum(reference[q] for q in shared), sum(answers[key][q] for q in shared))
         if cells:
             result[key] = cells
+    return result
+
+
+def _final_answer(row: dict[str, Any]) -> str:
+    if "turns" in row:
+        turns = row["turns"]
+        return turns if isinstance(turns, str) else json.dumps(turns, sort_keys=True)
+    raw = row.get("raw") or {}
+    calls = [[c["name"], _arguments(c["arguments"])] for c in raw.get("tool_calls") or []]
+    return json.dumps([calls, None if calls else (raw.get("content") or "").strip()], sort_keys=True)
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)  # so that spacing does not count as a difference
+    except ValueError:
+        return text
+
+
+def agreement(rows: list[dict[str, Any]]) -> dict[tuple, tuple[int, int]]:
+    """{(label a, label b, mode, iterations): (identical answers, questions both answered)} for models run alike.
+
+    Two engines on the same weights should agree on nearly every greedy answer (issue 21 asks for 95%)."""
+    answers: dict[tuple, dict[tuple[str, str], str]] = defaultdict(dict)
+    for row in rows:
+        if row["mode"] != SC_FROM_VANILLA:  # its answer is one of the vanilla row's rounds
+            answers[_group_key(row)][(row["category"], row["id"])] = _final_answer(row)
+    result = {}
+    for key_a, key_b in itertools.combinations(sorted(answers, key=str), 2):
+        if key_a[1:] != key_b[1:]:
+            continue
+        shared = answers[key_a].keys() & answers[key_b].keys()
+        if shared:
+            same = sum(answers[key_a][q] == answers[key_b][q] for q in shared)
+            result[(key_a[0], key_b[0], *key_a[1:])] = (same, len(shared))
     return result
 
 

@@ -102,7 +102,8 @@ class RunStats:
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    return (row["model"], row["mode"], row.get("max_refine_iterations"), row["category"], row["id"])
+    """A row's identity in results.jsonl: runs of one model under two labels (two engines, say) are kept apart."""
+    return (row.get("label") or row["model"], row["mode"], row.get("max_refine_iterations"), row["category"], row["id"])
 
 
 def questions_module(category: str) -> Any:
@@ -157,7 +158,7 @@ class Evaluator:
         return [(mode, q) for mode in c.modes for category in c.categories for q in subset(category, c.limit, c.seed)]
 
     def key(self, mode: str, question: bfcl.Question | multi_turn.Question) -> tuple:
-        return (self.config.model, mode, self.config.refine_iterations(mode), question.category, question.id)
+        return (self.label, mode, self.config.refine_iterations(mode), question.category, question.id)
 
     def ask(self, mode: str, question: bfcl.Question | multi_turn.Question) -> dict[str, Any]:
         """One question, one request; the row to write. A failed request that is not the question's fault raises
