@@ -158,7 +158,7 @@ class Evaluator:
         return [(mode, q) for mode in c.modes for category in c.categories for q in subset(category, c.limit, c.seed)]
 
     def key(self, mode: str, question: bfcl.Question | multi_turn.Question) -> tuple:
-        return (self.label, mode, self.config.refine_iterations(mode), question.category, question.id)
+        return row_key(self.config.row_head(mode, question, self.label))
 
     def ask(self, mode: str, question: bfcl.Question | multi_turn.Question) -> dict[str, Any]:
         """One question, one request; the row to write. A failed request that is not the question's fault raises
