@@ -148,8 +148,27 @@ def test_answers_without_calls_score_as_empty_turns(tmp_path: Path) -> None:
     client = ScriptedClient(lambda request: _completion(text="I would rather not."))
     question = _question("multi_turn_base_0")
     row = Evaluator(_config(tmp_path), client).ask("none", question)
-    assert row["requests"] == len(question.turns) and not row["valid"]
-    assert row["error_type"] == "multi_turn:empty_turn_model_response"
+    assert not row["valid"] and row["error_type"] == "multi_turn:empty_turn_model_response"
+    assert row["requests"] == len(row["turns"]) == 1 < len(question.turns)  # the first turn fails: nothing more played
+    assert not _backends()
+
+
+def test_a_question_stops_at_its_first_failing_turn_with_the_whole_conversations_verdict(tmp_path: Path) -> None:
+    question = _question("multi_turn_base_0")
+    assert len(question.turns) >= 3
+    right = iter(
+        [_completion([_arguments(c, question.involved_classes)]) for c in question.ground_truth[0]]
+        + [_completion(text="Done.")]
+    )
+    client = ScriptedClient(lambda request: next(right, None) or _completion(text="I would rather not."))
+    row = Evaluator(_config(tmp_path), client).ask("none", question)
+    assert not row["valid"] and len(row["turns"]) == 2  # turn 0 right, turn 1 a text answer where calls were due
+    # The verdict of the whole conversation (every later turn answered in words as well) is the same.
+    rest = [[] for _ in question.turns[2:]]
+    whole = multi_turn.score(question, row["calls"] + rest, "toolace_r_whole")
+    multi_turn._release("toolace_r_whole")
+    assert (whole.valid, whole.error_type) == (False, row["error_type"])
+    assert not _backends()
 
 
 def test_calls_to_functions_not_offered_are_not_executed(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ tool calls of an answer are executed against the backends (BFCL's `execute_multi
 `tool` message per call, and the model is asked again, until it answers without calls (the turn ends) or is still
 calling tools past the step cap (the question is force-terminated, as BFCL's own handlers do). The calls of every
 step are then scored by BFCL's `multi_turn_checker`, which replays them and the ground truth on fresh backends and
-compares, after each turn, the backends' states and the execution results.
+compares, after each turn, the backends' states and the execution results. The checker also runs after each turn
+but the last, on the turns so far: a question stops at its first failing turn, with the verdict the whole
+conversation would get (the later turns cannot change it; for a weak model most of the time is saved).
 
 Calls are converted to BFCL's pythonic strings by BFCL's own OpenAI decoder (`convert_to_function_call`), so scoring
 sees what BFCL's `gpt-*-FC` handlers would hand it. Only calls to an offered function with identifier keywords are
@@ -273,12 +275,18 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
     play = _Play(question, config, fields, question.name_map(config.underscore_names), _backend_key())
     started = time.monotonic()
     try:
-        failure = None
-        for user_messages in played:
-            if failure := play.turn(client, user_messages):
+        result = None
+        for turn, user_messages in enumerate(played, 1):
+            if result := play.turn(client, user_messages):
+                break
+            # BFCL's checker fails a question at its first wrong turn, and a turn's verdict depends only on the turns
+            # up to it: a question whose played turns already fail has its verdict, and the rest is not played.
+            # Each check replays on fresh backends (BFCL keeps instances by name), released with the question's.
+            if turn < len(played) and not (checked := score(question, play.decoded, f"{play.key}_{turn}", turn)).valid:
+                result = checked
                 break
         latency = time.monotonic() - started
-        result = failure or score(question, play.decoded, play.key, len(played))
+        result = result or score(question, play.decoded, play.key, len(played))
     finally:
         _release(play.key)
     rounds = play.rounds
