@@ -107,6 +107,7 @@ def test_the_ground_truth_played_step_by_step_scores_valid(question_id: str, tmp
     row = Evaluator(_config(tmp_path), client).ask("none", question)
     assert row["valid"], row["error"]
     assert row["error_type"] is None and row["category"] == CATEGORY and row["id"] == question_id
+    assert row["turns_right"] == len(question.turns)
     calls = sum(len(turn) for turn in question.ground_truth)
     assert row["requests"] == len(client.requests) == calls + len(question.turns)
     assert row["usage"]["total_tokens"] == 15 * row["requests"]
@@ -150,6 +151,7 @@ def test_answers_without_calls_score_as_empty_turns(tmp_path: Path) -> None:
     row = Evaluator(_config(tmp_path), client).ask("none", question)
     assert not row["valid"] and row["error_type"] == "multi_turn:empty_turn_model_response"
     assert row["requests"] == len(row["turns"]) == 1 < len(question.turns)  # the first turn fails: nothing more played
+    assert row["turns_right"] == 0
     assert not _backends()
 
 
@@ -163,6 +165,7 @@ def test_a_question_stops_at_its_first_failing_turn_with_the_whole_conversations
     client = ScriptedClient(lambda request: next(right, None) or _completion(text="I would rather not."))
     row = Evaluator(_config(tmp_path), client).ask("none", question)
     assert not row["valid"] and len(row["turns"]) == 2  # turn 0 right, turn 1 a text answer where calls were due
+    assert row["turns_right"] == 1
     # The verdict of the whole conversation (every later turn answered in words as well) is the same.
     rest = [[] for _ in question.turns[2:]]
     whole = multi_turn.score(question, row["calls"] + rest, "toolace_r_whole")
@@ -270,12 +273,13 @@ def _row(mode: str, category: str, i: int, valid: bool) -> dict[str, Any]:
 def test_the_summary_shows_multi_turn_apart_from_overall(tmp_path: Path) -> None:
     rows = [_row("none", "simple_python", i, i < 3) for i in range(4)]  # 75%
     rows += [_row("none", "irrelevance", i, True) for i in range(4)]  # 100%
-    rows += [_row("none", CATEGORY, i, i < 1) for i in range(4)]  # 25%
+    rows += [_row("none", CATEGORY, i, i < 1) | {"turns_right": [3, 0, 1, 1][i]} for i in range(4)]  # 25%
     (tmp_path / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     report.write_report(tmp_path)
     summary = (tmp_path / "summary.md").read_text()
-    assert "| Model | Refine | Simple | Irrelevance | Overall | Multi Turn Base | Avg rounds |" in summary
-    assert "| M | none | 75.00 | 100.00 | 87.50 | 25.00 | 0.00 |" in summary
+    head = "| Model | Refine | Simple | Irrelevance | Overall | Multi Turn Base | Turns right | Avg rounds |"
+    assert head in summary
+    assert "| M | none | 75.00 | 100.00 | 87.50 | 25.00 | 1.25 | 0.00 |" in summary
     assert "| M | none | 4/400 | 4/240 | 4/200 | 1.0 | 0 |" in summary
 
 

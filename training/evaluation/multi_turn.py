@@ -300,6 +300,8 @@ def ask(client: Any, config: EvalConfig, mode: str, question: Question, label: s
         "valid": result.valid,
         "error_type": result.error_type,
         "error": result.error,
+        # the leading turns the checker passed: every turn before the last one played was checked and passed
+        "turns_right": len(play.turns) - (0 if result.valid else 1),
         # refine rounds per request, averaged over the question's requests (`none`: 0)
         "rounds": 0 if mode == RefineMode.NONE else (round(sum(rounds) / len(rounds), 3) if rounds else None),
         "stop_reason": None,

@@ -95,12 +95,14 @@ def table(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
             if scores:
                 acc[category] = 100.0 * sum(scores) / len(scores)
         rounds = [r["rounds"] for r in members if r.get("rounds") is not None]
+        turns_right = [r["turns_right"] for r in members if r.get("turns_right") is not None]
         single = [v for c, v in acc.items() if c not in multi_turn.CATEGORIES]
         result[key] = {
             "acc": acc,
             "n": n,
             "overall": sum(single) / len(single) if single else None,
             "rounds": sum(rounds) / len(rounds) if rounds else None,
+            "turns_right": sum(turns_right) / len(turns_right) if turns_right else None,
             "latency": sum(r.get("latency_s") or 0 for r in members) / len(members),
             "tokens": sum((r.get("usage") or {}).get("total_tokens") or 0 for r in members) / len(members),
         }
@@ -115,9 +117,10 @@ _INTRO = (
 _MULTI_TURN_INTRO = (
     "Accuracy (%) by BFCL's AST checker; Overall is the unweighted mean of the single-turn categories shown. Multi "
     "Turn Base (whole conversations played as an agent: the calls run against BFCL's backends, scored by BFCL's "
-    "multi-turn checker) is not in Overall. Avg rounds is the mean number of refine rounds after the first answer "
-    "(`refinement.iterations`; multi-turn: per request). Rows with fewer questions than a full category are marked "
-    "partial in the second table."
+    "multi-turn checker) is not in Overall; Turns right is the mean number of its leading turns that passed the "
+    "checker (a question stops at its first failing turn). Avg rounds is the mean number of refine rounds after the "
+    "first answer (`refinement.iterations`; multi-turn: per request). Rows with fewer questions than a full category "
+    "are marked partial in the second table."
 )
 
 
@@ -128,7 +131,7 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     stats = table(rows)
     full = {c: _size(c) for c in categories}
     head = ["Model", "Refine", *(_HEADERS.get(c, c) for c in single), "Overall"]
-    head += [*(_HEADERS.get(c, c) for c in multi), "Avg rounds"]
+    head += [*(_HEADERS.get(c, c) for c in multi), *(["Turns right"] if multi else []), "Avg rounds"]
     lines = [
         "# BFCL through /v1/chat/completions",
         "",
@@ -141,7 +144,8 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         cells = [f"{s['acc'][c]:.2f}" if c in s["acc"] else "–" for c in categories]
         overall = f"{s['overall']:.2f}" if s["overall"] is not None else "–"
         rounds = f"{s['rounds']:.2f}" if s["rounds"] is not None else "–"
-        cells = [*cells[: len(single)], overall, *cells[len(single) :], rounds]
+        turns = [f"{s['turns_right']:.2f}" if s["turns_right"] is not None else "–"] if multi else []
+        cells = [*cells[: len(single)], overall, *cells[len(single) :], *turns, rounds]
         lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *cells]) + " |")
     lines += [
         "",
