@@ -303,5 +303,6 @@ def test_multi_turn_end_to_end_against_the_real_server(smol_server, tmp_path: Pa
     assert row["requests"] >= 1 == len(row["turns"]) and row["request_id"].startswith("chatcmpl-")
     assert isinstance(row["valid"], bool) and (row["valid"] or row["error_type"])
     assert row["usage"]["completion_tokens"] > 0
-    assert "| Multi Turn Base | Avg rounds |" in (tmp_path / "summary.md").read_text()
+    assert row["turns_right"] == (1 if row["valid"] else 0)
+    assert "| Multi Turn Base | Turns right | Avg rounds |" in (tmp_path / "summary.md").read_text()
     assert not _backends()
