@@ -124,6 +124,11 @@ _MULTI_TURN_INTRO = (
 )
 
 
+def _number(value: float | None) -> str:
+    """A table cell: two decimals, or a dash where there is nothing to show."""
+    return f"{value:.2f}" if value is not None else "–"
+
+
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     categories = _categories(rows)
     single = [c for c in categories if c not in multi_turn.CATEGORIES]
@@ -141,11 +146,9 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         "|" + "---|" * len(head),
     ]
     for (label, mode, iterations), s in stats.items():
-        cells = [f"{s['acc'][c]:.2f}" if c in s["acc"] else "–" for c in categories]
-        overall = f"{s['overall']:.2f}" if s["overall"] is not None else "–"
-        rounds = f"{s['rounds']:.2f}" if s["rounds"] is not None else "–"
-        turns = [f"{s['turns_right']:.2f}" if s["turns_right"] is not None else "–"] if multi else []
-        cells = [*cells[: len(single)], overall, *cells[len(single) :], *turns, rounds]
+        cells = [_number(s["acc"].get(c)) for c in categories]
+        turns = [_number(s["turns_right"])] if multi else []
+        cells = [*cells[: len(single)], _number(s["overall"]), *cells[len(single) :], *turns, _number(s["rounds"])]
         lines.append("| " + " | ".join([label, _mode_name(mode, iterations), *cells]) + " |")
     lines += [
         "",
