@@ -283,6 +283,17 @@ def test_the_summary_shows_multi_turn_apart_from_overall(tmp_path: Path) -> None
     assert "| M | none | 4/400 | 4/240 | 4/200 | 1.0 | 0 |" in summary
 
 
+def test_the_report_counts_a_multi_turn_questions_refine_rounds_per_request(tmp_path: Path) -> None:
+    """A multi-turn row's `rounds` is the mean over its requests (1.5 here); the rounds plot counts the requests."""
+    steps = [[{"content": None, "rounds": 1}, {"content": "Done.", "rounds": 2}], [{"content": "Ok.", "rounds": 1}]]
+    multi = _row("adaptive", CATEGORY, 0, False) | {"rounds": 1.333, "turns": steps, "turns_right": 0}
+    single = _row("adaptive", "simple_python", 0, True) | {"rounds": 3}
+    (tmp_path / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in (multi, single)))
+    assert report._request_rounds(multi) == [1, 2, 1] and report._request_rounds(single) == [3]
+    written = report.write_report(tmp_path)  # raised TypeError on the float before
+    assert tmp_path / report.DISTRIBUTION_PLOT in written
+
+
 def test_multi_turn_end_to_end_against_the_real_server(smol_server, tmp_path: Path) -> None:
     argv = [
         "eval",

@@ -344,12 +344,21 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def _request_rounds(row: dict[str, Any]) -> list[int]:
+    """The refine rounds of each request a row made: one for a single-turn question; a multi-turn one's row holds
+    their mean, so they come from its steps."""
+    if "turns" in row:
+        return [step["rounds"] for turn in row["turns"] for step in turn if step.get("rounds") is not None]
+    return [] if row.get("rounds") is None else [row["rounds"]]
+
+
 def plot_distribution(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """How many refine rounds each question used: adaptive's stopping point (vanilla/SC always use n)."""
+    """How many refine rounds each request used: adaptive's stopping point (vanilla/SC always use n)."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row in rows:
-        if row["mode"] == RefineMode.ADAPTIVE and row.get("rounds") is not None:
-            groups[_group_key(row)].append(row["rounds"])
+        if row["mode"] == RefineMode.ADAPTIVE:
+            groups[_group_key(row)].extend(_request_rounds(row))
+    groups = {key: values for key, values in groups.items() if values}
     if not groups:
         return None
     import matplotlib
@@ -372,7 +381,7 @@ def plot_distribution(rows: list[dict[str, Any]], path: Path) -> Path | None:
         )
     ax.set_xticks(range(top + 1))
     ax.set_xlabel("refine rounds used by adaptive refinement (1 = the first refinement repeated the answer)")
-    ax.set_ylabel("% of questions")
+    ax.set_ylabel("% of requests")
     ax.set_title("Adaptive refinement: where it stopped")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
