@@ -284,7 +284,7 @@ def test_the_summary_shows_multi_turn_apart_from_overall(tmp_path: Path) -> None
 
 
 def test_the_report_counts_a_multi_turn_questions_refine_rounds_per_request(tmp_path: Path) -> None:
-    """A multi-turn row's `rounds` is the mean over its requests (1.5 here); the rounds plot counts the requests."""
+    """A multi-turn row's `rounds` is the mean over its requests (1.333 here); the rounds plot counts the requests."""
     steps = [[{"content": None, "rounds": 1}, {"content": "Done.", "rounds": 2}], [{"content": "Ok.", "rounds": 1}]]
     multi = _row("adaptive", CATEGORY, 0, False) | {"rounds": 1.333, "turns": steps, "turns_right": 0}
     single = _row("adaptive", "simple_python", 0, True) | {"rounds": 3}
